@@ -1,0 +1,143 @@
+"""Model surgery: replace submodules by explicit, type-keyed policies, and undo it.
+
+A *policy* maps module types to a function ``fn(module, path) -> nn.Module | None``. The first
+type in the policy that a module is an instance of decides; ``None`` keeps the module. Surgery
+never rebinds ``forward`` and never looks modules up by string: it swaps child modules in their
+parent, so ``state_dict`` paths stay stable where the replacement keeps its child's names.
+
+Replacements that wrap the original module subclass :class:`SurgeryWrapper`, which knows how to
+give the original back; :func:`restore_modules` undoes any surgery built on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "ModuleChange",
+    "SurgeryWrapper",
+    "format_changes",
+    "replace_modules",
+    "restore_modules",
+]
+
+Policy = Mapping[type[nn.Module], Callable[[nn.Module, str], nn.Module | None]]
+
+
+@dataclass(frozen=True)
+class ModuleChange:
+    """One module swapped by surgery: where, and from which type to which."""
+
+    path: str
+    old_type: str
+    new_type: str
+
+
+class SurgeryWrapper(nn.Module):
+    """Base class of modules inserted by surgery. Subclasses implement :meth:`unwrap`."""
+
+    def unwrap(self) -> nn.Module:  # pragma: no cover - abstract
+        """Return the module this one replaced, in an equivalent state."""
+        raise NotImplementedError
+
+
+def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new)
+
+
+def replace_modules(
+    model: nn.Module,
+    policy: Policy,
+    *,
+    refuse_if_contains: tuple[type[nn.Module], ...] = (),
+) -> list[ModuleChange]:
+    """Replace every submodule that ``policy`` returns a replacement for.
+
+    The walk is top-down in registration order; a replaced module's children are not visited
+    (so a wrapper is never wrapped again by the same pass).
+
+    Args:
+        model: the model to change in place. The root itself is never replaced.
+        policy: module type -> ``fn(module, path)`` returning the replacement or ``None``.
+        refuse_if_contains: wrapper types whose presence means the model is already wrapped.
+
+    Returns:
+        The list of changes, in walk order.
+
+    Raises:
+        RuntimeError: if ``model`` already contains a module of a ``refuse_if_contains`` type.
+        TypeError: if a policy function returns something that is not an ``nn.Module``.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> replace_modules(m, {nn.ReLU: lambda mod, path: nn.GELU()})
+        [ModuleChange(path='1', old_type='ReLU', new_type='GELU')]
+    """
+    if refuse_if_contains:
+        found = [n for n, m in model.named_modules() if isinstance(m, refuse_if_contains)]
+        if found:
+            names = ", ".join(t.__name__ for t in refuse_if_contains)
+            raise RuntimeError(
+                f"The model is already wrapped ({names} at {found[:3]}"
+                f"{'...' if len(found) > 3 else ''}). Remove the earlier surgery first, or do "
+                "not apply it twice."
+            )
+    changes: list[ModuleChange] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in list(module.named_children()):
+            path = f"{prefix}.{name}" if prefix else name
+            replacement = None
+            for kind, fn in policy.items():
+                if isinstance(child, kind):
+                    replacement = fn(child, path)
+                    break
+            if replacement is None:
+                visit(child, path)
+                continue
+            if not isinstance(replacement, nn.Module):
+                raise TypeError(
+                    f"A surgery policy returned {type(replacement).__name__} for {path!r}; "
+                    "it must return an nn.Module or None."
+                )
+            setattr(module, name, replacement)
+            changes.append(ModuleChange(path, type(child).__name__, type(replacement).__name__))
+
+    visit(model, "")
+    return changes
+
+
+def restore_modules(
+    model: nn.Module, wrapper_type: type[SurgeryWrapper] = SurgeryWrapper
+) -> list[ModuleChange]:
+    """Replace every ``wrapper_type`` module by what its :meth:`~SurgeryWrapper.unwrap` returns.
+
+    Returns:
+        The list of changes made.
+    """
+    changes: list[ModuleChange] = []
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, wrapper_type) and n]
+    # Deepest first, so nested wrappers unwind correctly.
+    for path, wrapper in sorted(targets, key=lambda item: -item[0].count(".")):
+        original = wrapper.unwrap()
+        _set_child(model, path, original)
+        changes.append(ModuleChange(path, type(wrapper).__name__, type(original).__name__))
+    return changes
+
+
+def format_changes(changes: list[ModuleChange], title: str) -> str:
+    """A short text table of ``changes``, for logging once at rank zero."""
+    if not changes:
+        return f"{title}: no module changed"
+    counts: dict[tuple[str, str], int] = {}
+    for change in changes:
+        key = (change.old_type, change.new_type)
+        counts[key] = counts.get(key, 0) + 1
+    width = max(len(old) for old, _ in counts)
+    rows = [f"  {old:<{width}} -> {new}  x{n}" for (old, new), n in counts.items()]
+    return f"{title}: {len(changes)} module(s) changed\n" + "\n".join(rows)
