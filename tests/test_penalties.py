@@ -270,7 +270,7 @@ def test_steps_skipped_by_amp_neither_decay_nor_threshold():
 
     torch.manual_seed(0)
     module = InfAtStep(MLP(hidden=(16,)), lr=0.1, optimizer="adam")
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=16.0))
     callbacks = [
         L2Callback(0.5, decoupled=True),
         L1Callback(0.5, proximal=True),
@@ -285,24 +285,28 @@ def test_steps_skipped_by_amp_neither_decay_nor_threshold():
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
-    callbacks = lambda: [  # noqa: E731
-        L2Callback(0.05, decoupled=True),
-        L1Callback(1e-3, proximal=True),
-        ElasticNetCallback(1e-3, 1e-2),
-    ]
+    def callbacks():
+        return [
+            L2Callback(0.05, decoupled=True),
+            L1Callback(1e-3, proximal=True),
+            ElasticNetCallback(1e-3, 1e-2),
+        ]
+
+    x, y = random_classification(n=8 * 6, seed=1)
+    loader = lambda: list_loader(x, y, batch_size=8)  # noqa: E731
     full, model = _pair(lr=0.01, optimizer="adam")
-    _fit(full, callbacks(), steps=12)
+    tiny_trainer(max_epochs=2, callbacks=callbacks()).fit(full, loader())
 
     first = ClassifierModule(copy.deepcopy(model), lr=0.01, optimizer="adam")
-    x, y = random_classification(n=8 * 12, seed=1)
-    trainer = tiny_trainer(max_steps=6, callbacks=callbacks())
-    trainer.fit(first, list_loader(x, y, batch_size=8))
-    ckpt = tmp_path / "mid.ckpt"
+    trainer = tiny_trainer(max_epochs=1, callbacks=callbacks())
+    trainer.fit(first, loader())
+    ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
 
     resumed = ClassifierModule(copy.deepcopy(model), lr=0.01, optimizer="adam")
-    trainer = tiny_trainer(max_steps=12, callbacks=callbacks())
-    trainer.fit(resumed, list_loader(x, y, batch_size=8), ckpt_path=ckpt)
+    trainer = tiny_trainer(max_epochs=2, callbacks=callbacks())
+    trainer.fit(resumed, loader(), ckpt_path=ckpt)
+    assert trainer.global_step == 12
     _assert_same_params(resumed, full)
 
 
