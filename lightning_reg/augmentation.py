@@ -1,0 +1,1103 @@
+"""Batched, on-device data augmentation and the callback that applies it to training batches.
+
+The maths: ``x̃ = T_θ(x)`` on the training batch only, with random parameters ``θ`` drawn **per
+sample**, on the batch's device, from a ``torch.Generator``. Every built-in transform separates
+drawing its parameters (:meth:`BatchTransform.sample_params`) from applying them
+(:meth:`BatchTransform.apply`), so tests and users can fix the parameters.
+
+Pure torch first (no Lightning needed):
+
+* images (``(B, C, H, W)`` floats): :class:`RandomHorizontalFlip`, :class:`RandomResizedCrop`,
+  :class:`RandomRotation`, :class:`ColorJitter`, :class:`RandomErasing` (the image ops call
+  kornia's functional API), and :class:`RandomAffineCrop`, the fast fused path: flip, random
+  resized crop and rotation composed into ONE affine matrix per sample and a single resampling;
+* any modality: :class:`GaussianNoise`;
+* integer token sequences (NLP): :class:`TokenMasking`;
+* spectrograms ``(B, ..., F, T)`` (SpecAugment): :class:`TimeMasking`, :class:`FrequencyMasking`;
+* :class:`Compose` chains transforms and hands the generator on.
+
+Then the Lightning class, :class:`DataAugmentationCallback`, which rewrites the training batch in
+``on_train_batch_start`` and never touches validation, test or predict batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from lightning_reg.core.batch import BatchKey, BatchSlot
+from lightning_reg.core.logging import is_logging_step, log_scalars
+from lightning_reg.core.validation import (
+    check_choice,
+    check_int,
+    check_non_negative,
+    check_probability,
+    check_range,
+)
+
+__all__ = [
+    "BatchTransform",
+    "ColorJitter",
+    "Compose",
+    "DataAugmentationCallback",
+    "FrequencyMasking",
+    "GaussianNoise",
+    "RandomAffineCrop",
+    "RandomErasing",
+    "RandomHorizontalFlip",
+    "RandomResizedCrop",
+    "RandomRotation",
+    "TimeMasking",
+    "TokenMasking",
+]
+
+Params = dict[str, Any]
+Shape = tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Random draws
+# --------------------------------------------------------------------------------------------
+
+
+def _rand(shape: Sequence[int], generator: torch.Generator | None, device: Any) -> torch.Tensor:
+    """``U[0, 1)`` of ``shape`` on ``device`` from ``generator`` (global RNG if ``None``)."""
+    return torch.rand(tuple(shape), generator=generator, device=device)
+
+
+def _uniform(
+    shape: Sequence[int], low: float, high: float, generator: torch.Generator | None, device: Any
+) -> torch.Tensor:
+    return _rand(shape, generator, device) * (high - low) + low
+
+
+def _pair(name: str, value: float | Sequence[float], *, symmetric_around: float | None = None):
+    """``value`` as an ordered ``(low, high)`` pair; a number ``v`` means ``(c - v, c + v)``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = check_non_negative(name, value)
+        if symmetric_around is None:
+            return (v, v)
+        return (symmetric_around - v, symmetric_around + v)
+    if not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"`{name}` must be a number or a (low, high) pair, got {value!r}")
+    low = check_range(f"{name}[0]", value[0])
+    high = check_range(f"{name}[1]", value[1])
+    if low > high:
+        raise ValueError(f"`{name}` must satisfy low <= high, got {tuple(value)!r}")
+    return (low, high)
+
+
+def _image_shape(shape: Shape, name: str) -> tuple[int, int]:
+    if len(shape) < 3:
+        raise ValueError(
+            f"{name} expects a batch of images (B, C, H, W) or (B, H, W), got shape {tuple(shape)}"
+        )
+    return int(shape[-2]), int(shape[-1])
+
+
+def _check_float(x: torch.Tensor, name: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} expects a floating-point tensor, got {x.dtype}; convert images with "
+            "`x.float() / 255` first"
+        )
+
+
+def _per_sample(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """View a ``(B,)`` tensor so that it broadcasts over the other dims of ``x``."""
+    return mask.view(-1, *([1] * (x.ndim - 1)))
+
+
+def sample_crop_boxes(
+    batch_size: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    *,
+    generator: torch.Generator | None = None,
+    device: Any = "cpu",
+    attempts: int = 10,
+) -> torch.Tensor:
+    """Per-sample random-resized-crop boxes, torchvision's algorithm, vectorised.
+
+    For each sample, ``attempts`` candidates with area fraction ``~U(scale)`` and log aspect ratio
+    ``~U(log ratio)`` are drawn at once; the first candidate that fits is used, otherwise the
+    central crop clamped to ``ratio`` (exactly as ``torchvision.transforms.RandomResizedCrop``).
+
+    Returns:
+        A float tensor ``(B, 4)`` of integer-valued ``(x0, y0, w, h)`` in pixels.
+    """
+    shape = (batch_size, attempts)
+    area = float(height * width)
+    target_area = _uniform(shape, scale[0], scale[1], generator, device) * area
+    log_ratio = _uniform(shape, math.log(ratio[0]), math.log(ratio[1]), generator, device)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
+    any_valid = valid.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback: the central crop (torchvision's rule).
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    w = torch.where(any_valid, w, torch.full_like(w, fw))
+    h = torch.where(any_valid, h, torch.full_like(h, fh))
+    u = _rand((batch_size, 2), generator, device)
+    x0 = torch.floor(u[:, 0] * (width - w + 1))
+    y0 = torch.floor(u[:, 1] * (height - h + 1))
+    x0 = torch.where(any_valid, x0, torch.full_like(x0, (width - fw) // 2))
+    y0 = torch.where(any_valid, y0, torch.full_like(y0, (height - fh) // 2))
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+
+
+class BatchTransform(nn.Module):
+    """Base class: a batched transform with per-sample random parameters.
+
+    Subclasses implement :meth:`sample_params` (draws only, from ``generator`` on ``device``)
+    and :meth:`apply` (deterministic given the parameters). ``forward(x, generator)`` does both.
+    """
+
+    def output_shape(self, shape: Shape) -> Shape:
+        """The shape of the output for an input of ``shape`` (default: unchanged)."""
+        return tuple(shape)
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:  # pragma: no cover - abstract
+        """Draw the random parameters for a batch of ``shape`` on ``device``."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:  # pragma: no cover
+        """Apply the transform to ``x`` with fixed ``params``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(
+            x, self.sample_params(tuple(x.shape), device=x.device, generator=generator)
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+
+
+class Compose(BatchTransform):
+    """Apply ``transforms`` in order, handing the generator to each :class:`BatchTransform`.
+
+    Other callables (kornia augmentations, any ``fn(x) -> x``) are called with ``x`` alone and
+    draw from the global torch RNG (which :class:`DataAugmentationCallback` seeds per step).
+
+    Args:
+        transforms: the transforms, in order.
+
+    Example:
+        >>> pipeline = Compose([RandomAffineCrop(32, hflip=0.5), GaussianNoise(0.05)])
+        >>> pipeline(torch.rand(4, 3, 40, 40)).shape
+        torch.Size([4, 3, 32, 32])
+    """
+
+    def __init__(self, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        super().__init__()
+        for i, t in enumerate(transforms):
+            if not callable(t):
+                raise TypeError(f"`transforms[{i}]` must be callable, got {t!r}")
+        self.transforms = list(transforms)
+        self._modules_list = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
+
+    def output_shape(self, shape: Shape) -> Shape:
+        for t in self.transforms:
+            if not isinstance(t, BatchTransform):
+                raise RuntimeError(f"Cannot predict the output shape of {t!r}")
+            shape = t.output_shape(shape)
+        return shape
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        """Parameters of every step (only when every step is a :class:`BatchTransform`)."""
+        params: Params = {}
+        for i, t in enumerate(self.transforms):
+            if not isinstance(t, BatchTransform):
+                raise RuntimeError(
+                    f"Compose.sample_params needs BatchTransform steps; step {i} is {t!r}. "
+                    "Call the Compose directly instead."
+                )
+            params[str(i)] = t.sample_params(shape, device=device, generator=generator)
+            shape = t.output_shape(shape)
+        return params
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        for i, t in enumerate(self.transforms):
+            x = t.apply(x, params[str(i)])  # type: ignore[union-attr]
+        return x
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        for t in self.transforms:
+            x = t(x, generator) if isinstance(t, BatchTransform) else t(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class RandomHorizontalFlip(BatchTransform):
+    """Flip each image left-right with probability ``p`` (per sample; kornia ``hflip``).
+
+    Args:
+        p: probability that a sample is flipped, in [0, 1].
+
+    Raises:
+        ValueError: if ``p`` is outside [0, 1] or NaN.
+
+    Example:
+        >>> RandomHorizontalFlip(p=1.0)(torch.arange(3.0).view(1, 1, 1, 3))
+        tensor([[[[2., 1., 0.]]]])
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = check_probability("p", p)
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        return {"flip": _rand((shape[0],), generator, device) < self.p}
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        import kornia.geometry.transform as KG
+
+        return torch.where(_per_sample(params["flip"], x), KG.hflip(x), x)
+
+
+class RandomResizedCrop(BatchTransform):
+    """Crop a random box per sample and resize it to ``size`` (kornia ``crop_and_resize``).
+
+    The boxes follow torchvision's ``RandomResizedCrop`` (see :func:`sample_crop_boxes`).
+
+    Args:
+        size: output ``(height, width)``, or one int for a square.
+        scale: range of the box area as a fraction of the image area, within (0, 1].
+        ratio: range of the box aspect ratio ``w / h`` (sampled log-uniformly), positive.
+        mode: interpolation, ``"bilinear"`` or ``"nearest"``.
+
+    Raises:
+        ValueError: for a non-positive size, a scale outside (0, 1] or a non-positive ratio.
+
+    Example:
+        >>> RandomResizedCrop(8)(torch.rand(2, 3, 16, 16)).shape
+        torch.Size([2, 3, 8, 8])
+    """
+
+    def __init__(
+        self,
+        size: int | tuple[int, int],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        mode: str = "bilinear",
+    ) -> None:
+        super().__init__()
+        self.size = _size_pair(size)
+        self.scale = _range_in("scale", scale, 0.0, 1.0, low_inclusive=False)
+        self.ratio = _range_in("ratio", ratio, 0.0, math.inf, low_inclusive=False)
+        self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return (*shape[:-2], *self.size)
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        h, w = _image_shape(shape, type(self).__name__)
+        boxes = sample_crop_boxes(
+            shape[0], h, w, self.scale, self.ratio, generator=generator, device=device
+        )
+        return {"box": boxes}
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        import kornia.geometry.transform as KG
+
+        _check_float(x, type(self).__name__)
+        x0, y0, w, h = params["box"].to(x.dtype).unbind(1)
+        x1, y1 = x0 + w - 1, y0 + h - 1
+        corners = torch.stack(
+            [torch.stack(p, dim=1) for p in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], dim=1
+        )
+        return KG.crop_and_resize(x, corners, self.size, mode=self.mode, align_corners=True)
+
+
+class RandomRotation(BatchTransform):
+    """Rotate each image by an angle ``~U(degrees)`` about its centre (kornia ``rotate``).
+
+    Positive angles rotate counter-clockwise; uncovered corners are filled with zeros.
+
+    Args:
+        degrees: ``d`` for ``U(-d, d)``, or a ``(low, high)`` range in degrees.
+        p: probability that a sample is rotated, in [0, 1].
+        mode: interpolation, ``"bilinear"`` or ``"nearest"``.
+
+    Raises:
+        ValueError: for a negative ``degrees``, ``low > high`` or ``p`` outside [0, 1].
+
+    Example:
+        >>> RandomRotation(15.0)(torch.rand(2, 3, 8, 8)).shape
+        torch.Size([2, 3, 8, 8])
+    """
+
+    def __init__(
+        self, degrees: float | tuple[float, float], p: float = 1.0, mode: str = "bilinear"
+    ) -> None:
+        super().__init__()
+        self.degrees = _pair("degrees", degrees, symmetric_around=0.0)
+        self.p = check_probability("p", p)
+        self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        b = shape[0]
+        return {
+            "angle": _uniform((b,), *self.degrees, generator, device),
+            "apply": _rand((b,), generator, device) < self.p,
+        }
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        import kornia.geometry.transform as KG
+
+        _check_float(x, type(self).__name__)
+        rotated = KG.rotate(x, params["angle"].to(x.dtype), mode=self.mode)
+        return torch.where(_per_sample(params["apply"], x), rotated, x)
+
+
+class ColorJitter(BatchTransform):
+    """Random brightness, contrast, saturation and hue per sample (torchvision semantics).
+
+    Factors are drawn per sample: brightness, contrast and saturation from ``[1-v, 1+v]``
+    (``v`` a number) or a given range; hue from ``[-h, h]`` in turns (``h <= 0.5``). They are
+    applied in that fixed order with kornia's ``adjust_brightness_accumulative``,
+    ``adjust_contrast_with_mean_subtraction``, ``adjust_saturation_with_gray_subtraction`` and
+    ``adjust_hue``. Inputs are RGB in [0, 1]; outputs are clamped to [0, 1].
+
+    Args:
+        brightness: brightness jitter.
+        contrast: contrast jitter.
+        saturation: saturation jitter.
+        hue: hue jitter in turns, within [0, 0.5].
+        p: probability that a sample is jittered, in [0, 1].
+
+    Raises:
+        ValueError: for negative strengths, ``hue > 0.5`` or ``p`` outside [0, 1].
+
+    Example:
+        >>> ColorJitter(0.4, 0.4, 0.4, 0.1)(torch.rand(2, 3, 8, 8)).shape
+        torch.Size([2, 3, 8, 8])
+    """
+
+    def __init__(
+        self,
+        brightness: float | tuple[float, float] = 0.0,
+        contrast: float | tuple[float, float] = 0.0,
+        saturation: float | tuple[float, float] = 0.0,
+        hue: float | tuple[float, float] = 0.0,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.brightness = _factor_range("brightness", brightness)
+        self.contrast = _factor_range("contrast", contrast)
+        self.saturation = _factor_range("saturation", saturation)
+        self.hue = _pair("hue", hue, symmetric_around=0.0)
+        if self.hue[0] < -0.5 or self.hue[1] > 0.5:
+            raise ValueError(f"`hue` must lie within [-0.5, 0.5], got {hue!r}")
+        self.p = check_probability("p", p)
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        b = shape[0]
+        return {
+            "brightness": _uniform((b,), *self.brightness, generator, device),
+            "contrast": _uniform((b,), *self.contrast, generator, device),
+            "saturation": _uniform((b,), *self.saturation, generator, device),
+            "hue": _uniform((b,), *self.hue, generator, device),
+            "apply": _rand((b,), generator, device) < self.p,
+        }
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        import kornia.enhance as KE
+
+        _check_float(x, type(self).__name__)
+        if x.ndim < 3 or x.shape[-3] != 3:
+            raise ValueError(f"ColorJitter expects RGB images (B, 3, H, W), got {tuple(x.shape)}")
+        out = x.clamp(0.0, 1.0)
+        dt = x.dtype
+        if self.brightness != (1.0, 1.0):
+            out = KE.adjust_brightness_accumulative(out, params["brightness"].to(dt))
+        if self.contrast != (1.0, 1.0):
+            out = KE.adjust_contrast_with_mean_subtraction(out, params["contrast"].to(dt))
+        if self.saturation != (1.0, 1.0):
+            out = KE.adjust_saturation_with_gray_subtraction(out, params["saturation"].to(dt))
+        if self.hue != (0.0, 0.0):
+            out = KE.adjust_hue(out, params["hue"].to(dt) * (2 * math.pi))
+        out = out.clamp(0.0, 1.0)
+        return torch.where(_per_sample(params["apply"], x), out, x)
+
+
+class RandomErasing(BatchTransform):
+    """Erase a random rectangle per sample (Zhong et al. 2020; torchvision's box rule).
+
+    For each sample, up to 10 boxes with area fraction ``~U(scale)`` and log aspect ratio
+    ``~U(log ratio)`` are drawn at once and the first that fits strictly inside the image is
+    filled with ``value`` on every channel. If none fits, the sample is left unchanged.
+
+    Args:
+        p: probability that a sample is erased, in [0, 1].
+        scale: range of the erased area as a fraction of the image, within (0, 1].
+        ratio: range of the aspect ratio ``h / w``, positive.
+        value: the fill value.
+
+    Raises:
+        ValueError: for ``p`` outside [0, 1], bad ranges or a non-finite value.
+
+    Example:
+        >>> RandomErasing(p=1.0)(torch.rand(2, 3, 16, 16)).shape
+        torch.Size([2, 3, 16, 16])
+
+    Reference:
+        Zhong et al., "Random Erasing Data Augmentation", AAAI 2020.
+    """
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        scale: tuple[float, float] = (0.02, 0.33),
+        ratio: tuple[float, float] = (0.3, 3.3),
+        value: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.p = check_probability("p", p)
+        self.scale = _range_in("scale", scale, 0.0, 1.0, low_inclusive=False)
+        self.ratio = _range_in("ratio", ratio, 0.0, math.inf, low_inclusive=False)
+        self.value = check_range("value", value)
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        height, width = _image_shape(shape, type(self).__name__)
+        b, n = shape[0], 10
+        area = _uniform((b, n), *self.scale, generator, device) * (height * width)
+        aspect = torch.exp(
+            _uniform((b, n), math.log(self.ratio[0]), math.log(self.ratio[1]), generator, device)
+        )
+        h = torch.round(torch.sqrt(area * aspect))
+        w = torch.round(torch.sqrt(area / aspect))
+        valid = (h > 0) & (h < height) & (w > 0) & (w < width)
+        first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
+        h = h.gather(1, first).squeeze(1)
+        w = w.gather(1, first).squeeze(1)
+        u = _rand((b, 3), generator, device)
+        y0 = torch.floor(u[:, 0] * (height - h + 1))
+        x0 = torch.floor(u[:, 1] * (width - w + 1))
+        apply = valid.any(dim=1) & (u[:, 2] < self.p)
+        return {"box": torch.stack([x0, y0, w, h], dim=1), "apply": apply}
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        mask = _box_mask(params["box"], params["apply"], x.shape[-2], x.shape[-1], x.device)
+        mask = mask.view(x.shape[0], *([1] * (x.ndim - 3)), *mask.shape[-2:])
+        return x.masked_fill(mask, self.value)
+
+
+class RandomAffineCrop(BatchTransform):
+    """Fused flip + random resized crop + rotation: one affine matrix per sample, one warp.
+
+    Each of these transforms is an affine map of the sampling grid, so their composition is
+    one ``2×3`` matrix per sample; the image is resampled once (``F.affine_grid`` +
+    ``F.grid_sample``, bilinear, ``align_corners=False``) instead of once per transform. This
+    is both faster and sharper than chaining :class:`RandomHorizontalFlip`,
+    :class:`RandomResizedCrop` and :class:`RandomRotation`. The crop boxes follow torchvision's
+    ``RandomResizedCrop`` rule; the rotation turns the crop about its centre; samples falling
+    outside the image read ``padding_mode``. No antialiasing is applied when shrinking.
+
+    Args:
+        size: output ``(height, width)``, or one int for a square.
+        scale: range of the crop area as a fraction of the image area, within (0, 1].
+        ratio: range of the crop aspect ratio ``w / h``, positive.
+        hflip: probability of a horizontal flip per sample, in [0, 1].
+        degrees: rotation ``d`` for ``U(-d, d)`` or a ``(low, high)`` range (0 = none).
+        padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
+        mode: interpolation, ``"bilinear"`` or ``"nearest"``.
+
+    Raises:
+        ValueError: for bad sizes, ranges, probabilities or modes.
+
+    Example:
+        >>> crop = RandomAffineCrop(32, scale=(0.5, 1.0), hflip=0.5, degrees=10.0)
+        >>> crop(torch.rand(8, 3, 40, 40)).shape
+        torch.Size([8, 3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        size: int | tuple[int, int],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        hflip: float = 0.5,
+        degrees: float | tuple[float, float] = 0.0,
+        padding_mode: str = "zeros",
+        mode: str = "bilinear",
+    ) -> None:
+        super().__init__()
+        self.size = _size_pair(size)
+        self.scale = _range_in("scale", scale, 0.0, 1.0, low_inclusive=False)
+        self.ratio = _range_in("ratio", ratio, 0.0, math.inf, low_inclusive=False)
+        self.hflip = check_probability("hflip", hflip)
+        self.degrees = _pair("degrees", degrees, symmetric_around=0.0)
+        self.padding_mode = check_choice(
+            "padding_mode", padding_mode, ("zeros", "border", "reflection")
+        )
+        self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return (*shape[:-2], *self.size)
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        h, w = _image_shape(shape, type(self).__name__)
+        b = shape[0]
+        box = sample_crop_boxes(b, h, w, self.scale, self.ratio, generator=generator, device=device)
+        u = _rand((b, 2), generator, device)
+        low, high = self.degrees
+        return {"box": box, "flip": u[:, 0] < self.hflip, "angle": u[:, 1] * (high - low) + low}
+
+    @staticmethod
+    def matrix(params: Params, height: int, width: int) -> torch.Tensor:
+        """The ``(B, 2, 3)`` ``affine_grid`` matrices: output to input normalised coordinates.
+
+        With input pixel coordinates ``q`` relative to the image centre, an output point ``u``
+        in ``[-1, 1]²`` reads ``q = c + R(θ) · diag(w/2, h/2) · diag(±1, 1) · u`` where ``c`` is the
+        box centre, ``(w, h)`` its size and ``θ`` the angle; ``affine_grid`` wants
+        ``diag(2/W, 2/H) · q``.
+        """
+        x0, y0, bw, bh = params["box"].float().unbind(1)
+        theta = torch.deg2rad(params["angle"].float())
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        sx = torch.where(params["flip"], -0.5 * bw, 0.5 * bw)
+        sy = 0.5 * bh
+        # R(θ) in y-down pixel coordinates; positive θ turns the content counter-clockwise.
+        a = torch.stack(
+            [
+                torch.stack([cos * sx, -sin * sy, (2 * x0 + bw - width) / 2], dim=1) * (2 / width),
+                torch.stack([sin * sx, cos * sy, (2 * y0 + bh - height) / 2], dim=1) * (2 / height),
+            ],
+            dim=1,
+        )
+        return a
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        _check_float(x, type(self).__name__)
+        height, width = _image_shape(tuple(x.shape), type(self).__name__)
+        lead = x.shape[:-2]
+        flat = x.reshape(x.shape[0], -1, height, width)
+        theta = self.matrix(params, height, width).to(x.dtype)
+        grid = F.affine_grid(theta, [flat.shape[0], 1, *self.size], align_corners=False)
+        out = F.grid_sample(
+            flat, grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=False
+        )
+        return out.reshape(*lead, *self.size)
+
+
+class GaussianNoise(BatchTransform):
+    """Add ``N(mean, std²)`` noise, any modality; ``std`` may be drawn per sample from a range.
+
+    Args:
+        std: the standard deviation, or a ``(low, high)`` range drawn uniformly per sample.
+        mean: the noise mean.
+        p: probability that a sample gets noise, in [0, 1].
+        clip: optional ``(low, high)`` to clamp the result to.
+
+    Raises:
+        ValueError: for a negative or non-finite ``std``, ``p`` outside [0, 1] or a bad ``clip``.
+
+    Example:
+        >>> GaussianNoise(0.1)(torch.zeros(2, 5)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(
+        self,
+        std: float | tuple[float, float] = 0.1,
+        mean: float = 0.0,
+        p: float = 1.0,
+        clip: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.std = _pair("std", std)
+        if self.std[0] < 0:
+            raise ValueError(f"`std` must be >= 0, got {std!r}")
+        self.mean = check_range("mean", mean)
+        self.p = check_probability("p", p)
+        self.clip = None if clip is None else _pair("clip", clip)
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        b = shape[0]
+        std = _uniform((b,), *self.std, generator, device)
+        if self.p < 1.0:
+            std = torch.where(_rand((b,), generator, device) < self.p, std, 0.0)
+        noise = torch.randn(tuple(shape), generator=generator, device=device)
+        return {"std": std, "noise": noise}
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        _check_float(x, type(self).__name__)
+        noise = params["noise"].to(x.dtype)
+        out = torch.addcmul(x, noise, _per_sample(params["std"].to(x.dtype), noise))
+        if self.mean != 0.0:
+            out = out + torch.where(_per_sample(params["std"], x) > 0, self.mean, 0.0).to(x.dtype)
+        if self.clip is not None:
+            out = out.clamp(*self.clip)
+        return out
+
+
+class TokenMasking(BatchTransform):
+    """Corrupt integer token sequences: mask or replace each token with probability ``p``.
+
+    Each token is selected with probability ``p`` (never ``protected_ids``, e.g. padding and
+    special tokens). A selected token becomes ``mask_token_id`` with probability
+    ``mask_fraction``, a uniform random token from ``[0, vocab_size)`` with probability
+    ``random_fraction``, and stays as it is otherwise (BERT uses 0.8 / 0.1).
+
+    Args:
+        p: per-token selection probability, in [0, 1].
+        mask_token_id: the id that replaces masked tokens.
+        mask_fraction: share of selected tokens masked, in [0, 1].
+        random_fraction: share of selected tokens replaced by random ones, in [0, 1].
+        vocab_size: vocabulary size, needed when ``random_fraction > 0``.
+        protected_ids: token ids that are never selected.
+
+    Raises:
+        ValueError: for probabilities outside [0, 1], ``mask_fraction + random_fraction > 1``,
+            or ``random_fraction > 0`` without ``vocab_size``.
+
+    Example:
+        >>> tokens = torch.randint(5, 100, (2, 16))
+        >>> TokenMasking(0.15, mask_token_id=4)(tokens).shape
+        torch.Size([2, 16])
+
+    Reference:
+        Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers", NAACL 2019.
+    """
+
+    def __init__(
+        self,
+        p: float = 0.15,
+        *,
+        mask_token_id: int,
+        mask_fraction: float = 1.0,
+        random_fraction: float = 0.0,
+        vocab_size: int | None = None,
+        protected_ids: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.p = check_probability("p", p)
+        self.mask_token_id = check_int("mask_token_id", mask_token_id)
+        self.mask_fraction = check_probability("mask_fraction", mask_fraction)
+        self.random_fraction = check_probability("random_fraction", random_fraction)
+        if self.mask_fraction + self.random_fraction > 1.0 + 1e-12:
+            raise ValueError(
+                "`mask_fraction + random_fraction` must be in [0, 1], got "
+                f"{self.mask_fraction + self.random_fraction!r}"
+            )
+        self.vocab_size = None if vocab_size is None else check_int("vocab_size", vocab_size, 1)
+        if self.random_fraction > 0 and self.vocab_size is None:
+            raise ValueError("`vocab_size` is required when `random_fraction` > 0, got None")
+        self.protected_ids = [check_int("protected_ids[i]", i) for i in (protected_ids or [])]
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        select = _rand(shape, generator, device) < self.p
+        kind = _rand(shape, generator, device)
+        params: Params = {
+            "mask": select & (kind < self.mask_fraction),
+            "random": select
+            & (kind >= self.mask_fraction)
+            & (kind < self.mask_fraction + self.random_fraction),
+        }
+        if self.random_fraction > 0:
+            params["tokens"] = torch.randint(
+                0, self.vocab_size, tuple(shape), generator=generator, device=device
+            )
+        return params
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"TokenMasking expects integer token ids, got {x.dtype}")
+        mask, rand = params["mask"], params["random"]
+        if self.protected_ids:
+            keep = torch.isin(x, torch.tensor(self.protected_ids, device=x.device, dtype=x.dtype))
+            mask, rand = mask & ~keep, rand & ~keep
+        out = x.masked_fill(mask, self.mask_token_id)
+        if "tokens" in params:
+            out = torch.where(rand, params["tokens"].to(x.dtype), out)
+        return out
+
+
+class _AxisMasking(BatchTransform):
+    """SpecAugment masking of ``num_masks`` bands along one axis of ``(B, ..., F, T)``."""
+
+    axis = -1
+
+    def __init__(self, max_width: int, num_masks: int = 1, value: float = 0.0, p: float = 1.0):
+        super().__init__()
+        self.max_width = check_int("max_width", max_width, 0)
+        self.num_masks = check_int("num_masks", num_masks, 0)
+        self.value = check_range("value", value)
+        self.p = check_probability("p", p)
+
+    def sample_params(
+        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+    ) -> Params:
+        if len(shape) < 3:
+            raise ValueError(
+                f"{type(self).__name__} expects spectrograms (B, ..., freq, time), got {shape}"
+            )
+        size = int(shape[self.axis])
+        b = shape[0]
+        u = _rand((b, self.num_masks, 2), generator, device)
+        width = torch.floor(u[..., 0] * (min(self.max_width, size) + 1))
+        start = torch.floor(u[..., 1] * (size - width + 1))
+        width = torch.where(_rand((b, 1), generator, device) < self.p, width, 0.0)
+        return {"start": start, "width": width}
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        size = x.shape[self.axis]
+        pos = torch.arange(size, device=x.device, dtype=params["start"].dtype)
+        start, width = params["start"].unsqueeze(-1), params["width"].unsqueeze(-1)
+        band = ((pos >= start) & (pos < start + width)).any(dim=1)  # (B, size)
+        view = [x.shape[0]] + [1] * (x.ndim - 1)
+        view[self.axis] = size
+        return x.masked_fill(band.view(view), self.value)
+
+
+class TimeMasking(_AxisMasking):
+    """SpecAugment time masking: ``num_masks`` bands of ``~U{0..max_width}`` steps per sample.
+
+    The input is a spectrogram batch ``(B, ..., freq, time)``; the bands along the last axis are
+    set to ``value``. A band of width ``w`` starts uniformly in ``[0, T - w]``.
+
+    Args:
+        max_width: the largest band width, in time steps (>= 0).
+        num_masks: bands per sample (>= 0).
+        value: the fill value.
+        p: probability that a sample is masked, in [0, 1].
+
+    Raises:
+        ValueError: for negative widths or counts, or ``p`` outside [0, 1].
+
+    Example:
+        >>> TimeMasking(10, num_masks=2)(torch.rand(2, 1, 40, 100)).shape
+        torch.Size([2, 1, 40, 100])
+
+    Reference:
+        Park et al., "SpecAugment", Interspeech 2019.
+    """
+
+    axis = -1
+
+
+class FrequencyMasking(_AxisMasking):
+    """SpecAugment frequency masking: like :class:`TimeMasking` along the frequency axis (-2).
+
+    Args:
+        max_width: the largest band width, in frequency bins (>= 0).
+        num_masks: bands per sample (>= 0).
+        value: the fill value.
+        p: probability that a sample is masked, in [0, 1].
+
+    Raises:
+        ValueError: for negative widths or counts, or ``p`` outside [0, 1].
+
+    Example:
+        >>> FrequencyMasking(8)(torch.rand(2, 1, 40, 100)).shape
+        torch.Size([2, 1, 40, 100])
+
+    Reference:
+        Park et al., "SpecAugment", Interspeech 2019.
+    """
+
+    axis = -2
+
+
+def _box_mask(
+    box: torch.Tensor, apply: torch.Tensor, height: int, width: int, device: Any
+) -> torch.Tensor:
+    """``(B, H, W)`` boolean mask of the ``(x0, y0, w, h)`` boxes where ``apply``."""
+    x0, y0, w, h = box.unbind(1)
+    rows = torch.arange(height, device=device, dtype=box.dtype)
+    cols = torch.arange(width, device=device, dtype=box.dtype)
+    in_rows = (rows >= y0[:, None]) & (rows < (y0 + h)[:, None])
+    in_cols = (cols >= x0[:, None]) & (cols < (x0 + w)[:, None])
+    return in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]
+
+
+def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        s = check_int("size", size, 1)
+        return (s, s)
+    if not isinstance(size, Sequence) or len(size) != 2:
+        raise ValueError(f"`size` must be an int or a (height, width) pair, got {size!r}")
+    return (check_int("size[0]", size[0], 1), check_int("size[1]", size[1], 1))
+
+
+def _range_in(
+    name: str,
+    value: Sequence[float],
+    low: float,
+    high: float,
+    *,
+    low_inclusive: bool = True,
+) -> tuple[float, float]:
+    if not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"`{name}` must be a (low, high) pair, got {value!r}")
+    a = check_range(f"{name}[0]", value[0], low, high, low_inclusive=low_inclusive)
+    b = check_range(f"{name}[1]", value[1], low, high, low_inclusive=low_inclusive)
+    if a > b:
+        raise ValueError(f"`{name}` must satisfy low <= high, got {tuple(value)!r}")
+    return (a, b)
+
+
+def _factor_range(name: str, value: float | Sequence[float]) -> tuple[float, float]:
+    low, high = _pair(name, value, symmetric_around=1.0)
+    return (max(low, 0.0), high)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step, per-rank, resumable randomness for callbacks
+# --------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def _mix_seed(*values: int) -> int:
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the body with the global torch RNG (CPU and ``device``) seeded, then restore it."""
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    module = getattr(torch, device.type)
+    index = device.index if device.index is not None else module.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        torch.random.default_generator.manual_seed(seed)
+        with module.device(index):
+            module.manual_seed(seed)
+        yield
+
+
+class CallbackRNG:
+    """A callback's own random stream: per step, per DDP rank, reproducible and resumable.
+
+    Step ``n`` on rank ``r`` draws from a ``torch.Generator`` on the batch's device seeded with
+    ``hash(seed, r, n)``. ``seed`` defaults to ``torch.initial_seed()`` at ``setup`` (so
+    ``seed_everything`` makes runs reproducible), the rank makes ranks differ, and the counter
+    ``n`` is checkpointed, so a resumed run continues with exactly the draws the uninterrupted
+    run would have made. Re-seeding costs microseconds and no device sync.
+    """
+
+    def __init__(self, seed: int | None = None, salt: int = 0) -> None:
+        self.user_seed = None if seed is None else check_int("seed", seed)
+        self.salt = salt
+        self.seed: int | None = self.user_seed
+        self.counter = 0
+        self.rank = 0
+        self._generators: dict[str, torch.Generator] = {}
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Start a fresh stream for this run (a later checkpoint restore overrides it)."""
+        self.seed = self.user_seed if self.user_seed is not None else torch.initial_seed()
+        self.counter = 0
+        self.rank = int(trainer.global_rank)
+
+    def next(self, device: torch.device) -> tuple[torch.Generator, int]:
+        """The generator for the next step (on ``device``) and its integer seed."""
+        if self.seed is None:
+            self.seed = torch.initial_seed()
+        step_seed = _mix_seed(self.seed, self.salt, self.rank, self.counter)
+        self.counter += 1
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = self._generators[key] = torch.Generator(device=device)
+        gen.manual_seed(step_seed)
+        return gen, step_seed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "counter": self.counter}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = state["seed"]
+        self.counter = int(state["counter"])
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning
+# --------------------------------------------------------------------------------------------
+
+
+class DataAugmentationCallback(Callback):
+    """Apply a batched transform to the inputs of every training batch, on the batch's device.
+
+    The inputs are rewritten in ``on_train_batch_start`` (the object ``training_step``
+    receives); validation, test and predict batches are never touched. Each sample gets the
+    transform with probability ``p`` (a per-sample mask and ``torch.where``).
+
+    Randomness: every step draws from the callback's own generator seeded from
+    ``(seed, rank, step counter)`` (see :class:`CallbackRNG`): per sample, on the device,
+    reproducible under ``seed_everything``, different on each DDP rank, and resumed exactly from
+    a checkpoint. Built-in :class:`BatchTransform` objects receive that generator; any other
+    callable (e.g. kornia's ``AugmentationSequential``) runs with the global torch RNG seeded
+    from it for the duration of the call (and restored afterwards), so it gets the same
+    guarantees. The transform runs under ``torch.no_grad()``.
+
+    Args:
+        transform: any batched callable ``x -> x̃``, e.g. a :class:`Compose` of built-ins or a
+            kornia ``AugmentationSequential``.
+        p: probability that each sample is transformed, in [0, 1]. With ``p < 1`` the
+            transform must keep the input's shape.
+        input_key: list index or dict key of the inputs in the batch.
+        getter: optional ``getter(batch) -> Tensor`` for other batch types.
+        setter: optional ``setter(batch, value)`` that writes the inputs back.
+        seed: fixed seed for the stream; ``None`` uses ``torch.initial_seed()``.
+
+    Raises:
+        ValueError: if ``p`` is outside [0, 1] (NaN included).
+        TypeError: if ``transform`` is not callable.
+        RuntimeError: during training, for a tuple batch, or a transform that changes the shape
+            while ``p < 1`` or returns no tensor.
+
+    Example:
+        >>> from lightning_reg.augmentation import Compose, GaussianNoise, RandomAffineCrop
+        >>> cb = DataAugmentationCallback(
+        ...     Compose([RandomAffineCrop(32, scale=(0.35, 1.0)), GaussianNoise(0.03)]))
+        >>> # Trainer(callbacks=[cb])
+
+    Reference:
+        Shorten & Khoshgoftaar, "A survey on Image Data Augmentation for Deep Learning",
+        J. Big Data 2019.
+    """
+
+    def __init__(
+        self,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        p: float = 1.0,
+        input_key: BatchKey = 0,
+        getter: Callable[[Any], torch.Tensor] | None = None,
+        setter: Callable[[Any, torch.Tensor], None] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(transform):
+            raise TypeError(f"`transform` must be callable, got {transform!r}")
+        self.transform = transform
+        self.p = check_probability("p", p)
+        self.input = BatchSlot(input_key, getter=getter, setter=setter, role="input")
+        self.rng = CallbackRNG(seed, salt=0xA06)
+        self.last_params: Params | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            input_key=self.input.key, transform=type(self.transform).__name__
+        )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.rng.setup(trainer)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Draw this step's randomness and return the augmented ``x`` (no batch access)."""
+        generator, step_seed = self.rng.next(x.device)
+        params: Params = {}
+        with torch.no_grad(), _seeded_global_rng(step_seed, x.device):
+            if self.p < 1.0:
+                params["selected"] = _rand((x.shape[0],), generator, x.device) < self.p
+            if isinstance(self.transform, BatchTransform):
+                shape = tuple(x.shape)
+                params["transform"] = self.transform.sample_params(
+                    shape, device=x.device, generator=generator
+                )
+                out = self.transform.apply(x, params["transform"])
+            else:
+                out = self.transform(x)
+            if not isinstance(out, torch.Tensor):
+                raise RuntimeError(
+                    f"The transform returned {type(out).__name__}, not a tensor. Wrap it so that "
+                    "it maps a batch tensor to a batch tensor."
+                )
+            if self.p < 1.0:
+                if out.shape != x.shape:
+                    raise RuntimeError(
+                        f"With p={self.p} < 1 the transform must keep the input shape, but it "
+                        f"maps {tuple(x.shape)} to {tuple(out.shape)}. Use p=1.0 or a "
+                        "shape-preserving transform."
+                    )
+                out = torch.where(_per_sample(params["selected"], x), out.to(x.dtype), x)
+        self.last_params = params
+        return out
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        x = self.input.get(batch)
+        self.input.set(batch, self.augment(x))
+        if self.p < 1.0 and is_logging_step(trainer):
+            fraction = self.last_params["selected"].float().mean()  # type: ignore[index]
+            log_scalars(pl_module, {"reg/augmentation/applied_fraction": fraction})
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rng.load_state_dict(state_dict["rng"])
