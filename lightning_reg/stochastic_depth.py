@@ -68,6 +68,14 @@ _LOG_PREFIX = "reg/stochastic_depth"
 # --------------------------------------------------------------------------------------------
 
 
+def _check_survival_prob(name: str, value: Any) -> float:
+    """``check_probability`` in ``(0, 1]``, with the range in the message for NaN/inf too."""
+    try:
+        return check_probability(name, value, allow_zero=False)
+    except ValueError:
+        raise ValueError(f"`{name}` must be in (0, 1], got {value!r}") from None
+
+
 def survival_probabilities(
     num_blocks: int, survival_prob_last: float, schedule: str = "linear"
 ) -> list[float]:
@@ -85,7 +93,7 @@ def survival_probabilities(
         [0.875, 0.75, 0.625, 0.5]
     """
     num_blocks = check_int("num_blocks", num_blocks, minimum=1)
-    p_last = check_probability("survival_prob_last", survival_prob_last, allow_zero=False)
+    p_last = _check_survival_prob("survival_prob_last", survival_prob_last)
     check_choice("schedule", schedule, _SCHEDULES)
     if schedule == "uniform":
         return [p_last] * num_blocks
@@ -211,6 +219,31 @@ def stochastic_depth(
     return x.to(dtype).index_add(batch_dim, idx, delta)
 
 
+def _check_shape_on_meta(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Check that ``block`` preserves the shape of ``x`` by running it on the meta device.
+
+    Returns whether the check ran. An op without a meta kernel makes it return ``False``: the
+    check then happens the first time the block really runs (it always checks the shape).
+    """
+
+    def meta(value: Any) -> Any:
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+    state = {name: meta(t) for name, t in (*block.named_parameters(), *block.named_buffers())}
+    try:
+        with torch.no_grad():
+            y = torch.func.functional_call(
+                block,
+                state,
+                tuple(meta(a) for a in (x, *args)),
+                {k: meta(v) for k, v in kwargs.items()},
+            )
+    except Exception:  # no meta kernel: verified on the block's first real run instead
+        return False
+    _check_shape(block, x, y)
+    return True
+
+
 def _check_shape(block: Any, x: torch.Tensor, y: Any) -> None:
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -298,9 +331,10 @@ class StochasticDepthWrapper(SurgeryWrapper):
     has the block's own keys (no extra ``block.`` level), so checkpoints of the wrapped and of
     the plain model load into each other.
 
-    Until the block has run once, a drawn drop is overridden by a keep (the decision is still
-    drawn, so the random stream does not shift): the first run verifies that the block is
-    shape-preserving. Lightning's sanity-check validation normally does that before training.
+    Every time the block runs, its output shape is checked against its input's. If the very
+    first forward skips the block, the check runs on the ``meta`` device instead (shapes only:
+    no compute, no change to real buffers), so a block that is not shape-preserving fails at
+    its first forward whatever the draw.
 
     In ``mode="row"``, a BatchNorm inside the block sees only the kept rows, so its batch
     statistics come from fewer samples.
@@ -340,7 +374,7 @@ class StochasticDepthWrapper(SurgeryWrapper):
         if not isinstance(block, nn.Module):
             raise TypeError(f"`block` must be an nn.Module, got {type(block).__name__}")
         self.block = block
-        self.survival_prob = check_probability("survival_prob", survival_prob, allow_zero=False)
+        self.survival_prob = _check_survival_prob("survival_prob", survival_prob)
         self.mode: str = check_choice("mode", mode, _MODES)
         auto_dim = _transformer_batch_dim(block)
         if batch_dim is None:
@@ -389,11 +423,12 @@ class StochasticDepthWrapper(SurgeryWrapper):
             return y
         batch = None if self.mode == "batch" else x.shape[self.batch_dim]
         keep = sample_keep(self.survival_prob, batch, generator=self.generator)
-        if not self._verified:
-            keep = torch.ones_like(keep)
         n = 1 if batch is None else batch
+        n_kept = int(keep.sum())  # a host tensor: no device sync
         self.drawn += n
-        self.dropped += n - int(keep.sum())  # a host tensor: no device sync
+        self.dropped += n - n_kept
+        if n_kept == 0 and not self._verified:
+            self._verified = _check_shape_on_meta(self.block, x, args, kwargs)
         out = stochastic_depth(
             self.block,
             x,
@@ -404,7 +439,8 @@ class StochasticDepthWrapper(SurgeryWrapper):
             row_args=self._row_args,
             **kwargs,
         )
-        self._verified = True
+        if n_kept:
+            self._verified = True  # the block ran, and stochastic_depth checked its shape
         return out
 
     @override
@@ -525,7 +561,7 @@ def apply_stochastic_depth(
         >>> [c.new_type for c in apply_stochastic_depth(model, 0.5)]
         ['StochasticDepthWrapper', 'StochasticDepthWrapper']
     """
-    p_last = check_probability("survival_prob_last", survival_prob_last, allow_zero=False)
+    p_last = _check_survival_prob("survival_prob_last", survival_prob_last)
     check_choice("schedule", schedule, _SCHEDULES)
     check_choice("mode", mode, _MODES)
     types = _resolve_block_types(block_types)
@@ -663,9 +699,7 @@ class StochasticDepthCallback(pl.Callback):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.survival_prob_last = check_probability(
-            "survival_prob_last", survival_prob_last, allow_zero=False
-        )
+        self.survival_prob_last = _check_survival_prob("survival_prob_last", survival_prob_last)
         self.schedule: str = check_choice("schedule", schedule, _SCHEDULES)
         self.mode: str = check_choice("mode", mode, _MODES)
         self.block_types = _resolve_block_types(block_types)
