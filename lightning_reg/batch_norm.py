@@ -283,12 +283,14 @@ class GhostBatchNorm(_BatchNorm):
                     "virtual_batch_size or raise the batch size.",
                     stacklevel=2,
                 )
-            self.last_num_virtual_batches = 1
+            if self.training:
+                self.last_num_virtual_batches = 1
             return super().forward(input)
         y, means, variances, counts = ghost_batch_norm(
             input, self.virtual_batch_size, self.weight, self.bias, self.eps
         )
-        self.last_num_virtual_batches = means.shape[0]
+        if self.training:
+            self.last_num_virtual_batches = means.shape[0]
         if self.training and self.track_running_stats and self.running_mean is not None:
             assert self.running_var is not None and self.num_batches_tracked is not None
             with torch.no_grad():
