@@ -1,0 +1,197 @@
+"""Label smoothing: the function against independent references, the callback in a Trainer."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from lightning_reg.core.schedules import LinearSchedule
+from lightning_reg.label_smoothing import LabelSmoothingCallback, smooth_labels
+from lightning_reg.mixing import CutMixCallback, MixUpCallback
+from tests.distributed.scenarios_augmentation import ParamRecorder, RecordingModule, image_data
+from tests.helpers.models import SmallCNN, list_loader, tiny_trainer
+
+FAST = settings(max_examples=30, deadline=None)
+
+
+@FAST
+@given(
+    labels=hs.lists(hs.integers(0, 9), min_size=1, max_size=12),
+    extra=hs.integers(0, 5),
+    alpha=hs.floats(0.0, 1.0),
+)
+def test_smooth_labels_matches_formula(labels, extra, alpha):
+    k = max(labels) + 1 + extra
+    y = torch.tensor(labels)
+    expected = (1 - alpha) * np.eye(k)[labels] + alpha / k  # independent: numpy one-hot
+    got = smooth_labels(y, alpha, k)
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.ones(len(labels)))
+
+
+@FAST
+@given(
+    b=hs.integers(1, 6), k=hs.integers(1, 7), alpha=hs.floats(0.0, 1.0), seed=hs.integers(0, 999)
+)
+def test_cross_entropy_equals_torch_label_smoothing(b, k, alpha, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, k, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, k, (b,), generator=g)
+    ours = F.cross_entropy(logits, smooth_labels(y, alpha, k).double())
+    ref = F.cross_entropy(logits, y, label_smoothing=alpha)
+    torch.testing.assert_close(ours, ref)
+
+
+@FAST
+@given(b=hs.integers(1, 5), k=hs.integers(2, 6), alpha=hs.floats(0.0, 1.0), seed=hs.integers(0, 99))
+def test_soft_targets_and_extra_dims(b, k, alpha, seed):
+    g = torch.Generator().manual_seed(seed)
+    soft = torch.softmax(torch.randn(b, k, generator=g), 1)
+    torch.testing.assert_close(smooth_labels(soft, alpha, k), (1 - alpha) * soft + alpha / k)
+    seq = torch.randint(0, k, (b, 3), generator=g)  # (B, L) labels -> (B, K, L) as F expects
+    logits = torch.randn(b, k, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(
+        F.cross_entropy(logits, smooth_labels(seq, alpha, k).double()),
+        F.cross_entropy(logits, seq, label_smoothing=alpha),
+    )
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.01, math.nan, math.inf])
+def test_alpha_out_of_range(bad):
+    with pytest.raises(ValueError, match="`alpha` must be"):
+        smooth_labels(torch.tensor([0]), bad, 2)
+    with pytest.raises(ValueError, match="`alpha` must be"):
+        LabelSmoothingCallback(bad)
+
+
+def test_label_errors():
+    with pytest.raises(ValueError, match=r"Class labels must be in \[0, 2\].*\[0, 3\]"):
+        smooth_labels(torch.tensor([0, 3]), 0.1, 3)
+    with pytest.raises(ValueError, match=r"Class labels must be in"):
+        smooth_labels(torch.tensor([-1, 0]), 0.1, 3)
+    with pytest.raises(ValueError, match="num_classes=3"):
+        smooth_labels(torch.rand(2, 4), 0.1, 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        LabelSmoothingCallback(num_classes=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def _fit(callbacks, *, model=None, epochs=1, precision="32-true", loader=None, val=True):
+    x, y = image_data(16)
+    module = RecordingModule(model or SmallCNN(in_channels=3, num_classes=4))
+    trainer = tiny_trainer(
+        max_epochs=epochs, precision=precision, callbacks=callbacks, log_every_n_steps=1
+    )
+    trainer.fit(
+        module,
+        loader or list_loader(x, y, batch_size=8),
+        list_loader(x, y, batch_size=8) if val else None,
+    )
+    return module, trainer, (x, y)
+
+
+def test_callback_changes_training_targets_only(precision):
+    cb = LabelSmoothingCallback(0.2)  # num_classes inferred from the model output (K=4)
+    module, trainer, (x, y) = _fit([cb], precision=precision)
+    for step, (xb, yb) in enumerate(module.train_batches):
+        sl = slice(8 * step, 8 * step + 8)
+        assert torch.equal(xb, x[sl])
+        assert yb.dtype == torch.float32
+        expected = 0.8 * F.one_hot(y[sl], 4).float() + 0.2 / 4
+        torch.testing.assert_close(yb, expected)
+    for step, (_, yb) in enumerate(module.val_batches):
+        sl = slice(8 * step, 8 * step + 8)
+        assert torch.equal(yb, y[sl]) and yb.dtype == torch.int64
+    assert trainer.callback_metrics["reg/label_smoothing/alpha"].item() == pytest.approx(0.2)
+
+
+def test_num_classes_inference_leaves_model_state_alone():
+    x, y = image_data(8)
+    module = RecordingModule(SmallCNN(in_channels=3, num_classes=4))
+    module.model.features[1].eval()  # a user-frozen BN must stay in eval mode
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    cb = LabelSmoothingCallback(0.1)
+    trainer = tiny_trainer()
+    k = cb._infer_num_classes(trainer, module, [x, y], y)
+    assert k == 4
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert module.training and module.model.features[4].training
+    assert not module.model.features[1].training
+
+
+def test_num_classes_inference_failure_says_what_to_do():
+    class DictModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            return {"logits": self.head(x.mean(dim=(2, 3)))}
+
+    with pytest.raises(RuntimeError, match="Pass `num_classes=`"):
+        _fit([LabelSmoothingCallback(0.1)], model=DictModel(), val=False)
+
+
+def test_schedule_and_bad_schedule():
+    cb = LabelSmoothingCallback(num_classes=4, schedule=LinearSchedule(0.0, 0.2, 2, unit="step"))
+    module, _, (_, y) = _fit([cb], epochs=2, val=False)
+    alphas = [0.0, 0.1, 0.2, 0.2]
+    for step, (_, yb) in enumerate(module.train_batches):
+        sl = slice(8 * (step % 2), 8 * (step % 2) + 8)
+        a = alphas[step]
+        torch.testing.assert_close(yb, (1 - a) * F.one_hot(y[sl], 4).float() + a / 4)
+    bad = LabelSmoothingCallback(num_classes=4, schedule=LinearSchedule(0.5, 1.5, 1, unit="step"))
+    with pytest.raises(RuntimeError, match=r"alpha must be in \[0, 1\]"):
+        _fit([bad], epochs=1, val=False)
+
+
+def test_tuple_batch_and_bad_label_in_trainer():
+    from torch.utils.data import DataLoader, default_collate
+
+    from tests.helpers.models import ListDataset
+
+    x, y = image_data(8)
+    tuples = DataLoader(
+        ListDataset(x, y), batch_size=8, collate_fn=lambda b: tuple(default_collate(b))
+    )
+    with pytest.raises(RuntimeError, match="tuple"):
+        _fit([LabelSmoothingCallback(num_classes=4)], loader=tuples, val=False)
+    with pytest.raises(RuntimeError, match=r"Class labels must be in \[0, 2\]"):
+        _fit([LabelSmoothingCallback(num_classes=3)], val=False)
+
+
+@pytest.mark.parametrize("mixer_cls", [MixUpCallback, CutMixCallback])
+def test_composes_with_mixing_in_either_order(mixer_cls):
+    """Both callback orders give bit-identical targets, equal to smooth(mix(y))."""
+    results = []
+    for order in ("ls_first", "mix_first"):
+        pl.seed_everything(5, verbose=False)
+        mixer = mixer_cls(1.0, num_classes=4, mode="sample")
+        smooth = LabelSmoothingCallback(0.3)  # K comes from the mixer
+        rec = ParamRecorder(mixer)
+        cbs = [smooth, mixer, rec] if order == "ls_first" else [mixer, smooth, rec]
+        module, _, (_, y) = _fit(cbs, val=False)
+        results.append((module.train_batches, rec.params))
+    (batches_a, params_a), (batches_b, _) = results
+    for (xa, ya), (xb, yb) in zip(batches_a, batches_b):
+        assert torch.equal(xa, xb)
+        assert torch.equal(ya, yb)  # bit-identical
+    for step, ((_, yb), params) in enumerate(zip(batches_a, params_a)):
+        sl = slice(8 * step, 8 * step + 8)
+        onehot = F.one_hot(y[sl], 4).float()
+        lam = params["lam"].view(-1, 1)
+        mixed = lam * onehot + (1 - lam) * onehot[params["perm"]]
+        torch.testing.assert_close(yb, smooth_labels(mixed, 0.3, 4))
+        assert not torch.equal(yb, F.one_hot(y[sl], 4).float())
