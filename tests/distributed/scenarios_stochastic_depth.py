@@ -49,7 +49,9 @@ def fit_callback(
     module = ClassifierModule(ResidualMLP(depth=4), optimizer="sgd_momentum")
     cb = StochasticDepthCallback(p_last, block_types=(ResidualBlock,), mode=mode)
     trace = _Trace()
-    trainer = tiny_trainer(max_steps=max_steps, callbacks=[cb, trace], **ddp_trainer_kwargs())
+    trainer = tiny_trainer(
+        max_steps=max_steps, max_epochs=-1, callbacks=[cb, trace], **ddp_trainer_kwargs()
+    )
     trainer.fit(module, _data(rank))
     return {
         "steps": trainer.global_step,
@@ -71,6 +73,8 @@ def fit_disagreeing_ranks(rank: int, max_steps: int = 8) -> dict[str, Any]:
             m.generator = generator
     module = ClassifierModule(model, optimizer="sgd_momentum")
     trace = _Trace()
-    trainer = tiny_trainer(max_steps=max_steps, callbacks=[trace], **ddp_trainer_kwargs())
+    trainer = tiny_trainer(
+        max_steps=max_steps, max_epochs=-1, callbacks=[trace], **ddp_trainer_kwargs()
+    )
     trainer.fit(module, _data(rank))
     return {"steps": trainer.global_step, "hash": param_hash(module), "trace": trace.rows}
