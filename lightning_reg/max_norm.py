@@ -5,15 +5,16 @@ an update leaves the ball. In PyTorch layout a *unit* is dim 0 of a weight (an o
 a filter), so the unit's incoming weights are the rest of the tensor: dim 1 for ``Linear``, dims
 1.. for ``Conv``. ``dim=None`` treats the whole tensor as one vector.
 
-Projection is batched: tensors of the same shape are stacked, their unit norms computed in one
-kernel and the rows outside the ball scaled by ``r/‖w‖``. Units already inside the ball are
+Projection is batched: unit norms are read straight from each parameter, every scale factor is
+computed in one flat tensor and applied with one ``torch._foreach_mul_``; the units outside
+the ball are scaled by ``r/‖w‖``. Units already inside the ball are
 multiplied by exactly 1.0, so they stay unchanged bit for bit. A unit whose norm is NaN or
 infinite is left alone: a constraint never turns a non-finite weight into a number.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,28 +53,43 @@ def _check_dim(dim: Any) -> Dim:
     raise ValueError(f"`dim` must be 'unit', None, an int or a tuple of ints, got {dim!r}")
 
 
-def _reduce_dims(shape: torch.Size, dim: Dim) -> tuple[int, ...]:
-    """Dims of a *stacked* tensor (group dim first) that a unit norm reduces over."""
-    ndim = len(shape)
+def _reduce_dims(ndim: int, dim: Dim) -> tuple[int, ...]:
+    """The dims of a tensor that a unit norm reduces over (empty: each element is a unit)."""
     if dim is None:
-        return tuple(range(1, ndim + 1))
+        return tuple(range(ndim))
     if dim == "unit":
-        return tuple(range(2, ndim + 1))  # empty for 1-D tensors: each element is a unit
+        return tuple(range(1, ndim))
     dims = (dim,) if isinstance(dim, int) else dim
-    return tuple((d % ndim) + 1 for d in dims)
+    return tuple(d % ndim for d in dims)
 
 
-def _grouped(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t.detach())
-    return list(groups.values())
+def _unit_scales(
+    params: Iterable[torch.Tensor], dim: Dim, scale_fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Rescale every unit of ``params`` by ``scale_fn(norms)``, in place and batched.
 
-
-def _unit_norms(stacked: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    if not dims:
-        return stacked.abs()
-    return torch.linalg.vector_norm(stacked, dim=dims, keepdim=True, dtype=torch.float32)
+    Norms are read per tensor straight from the parameter (no copy); all scale factors of a
+    (device, dtype) bucket are computed in one flat tensor and applied with one foreach
+    multiply. Yields ``(flat_norms, flat_scale)`` per bucket for diagnostics.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        buckets.setdefault((p.device, p.dtype), []).append(p.detach())
+    for tensors in buckets.values():
+        norms = []
+        for t in tensors:
+            dims = _reduce_dims(t.ndim, dim)
+            if dims:
+                norms.append(
+                    torch.linalg.vector_norm(t, dim=dims, keepdim=True, dtype=torch.float32)
+                )
+            else:
+                norms.append(t.abs().float())
+        flat = torch.cat([n.reshape(-1) for n in norms])
+        scale = scale_fn(flat)
+        pieces = scale.to(tensors[0].dtype).split([n.numel() for n in norms])
+        torch._foreach_mul_(tensors, [s.view(n.shape) for s, n in zip(pieces, norms)])
+        yield flat, scale
 
 
 def max_norm_(
@@ -116,16 +132,16 @@ def max_norm_(
     units = 0
     projected: list[torch.Tensor] = []
     largest: list[torch.Tensor] = []
-    for group in _grouped(params):
-        stacked = torch.stack(group)
-        norms = _unit_norms(stacked, _reduce_dims(group[0].shape, dim))
+
+    def shrink(norms: torch.Tensor) -> torch.Tensor:
         outside = torch.isfinite(norms) & (norms > radius)
-        scale = torch.where(outside, radius / norms, torch.ones_like(norms)).to(stacked.dtype)
-        torch._foreach_mul_(group, list(scale.unbind(0)))
+        return torch.where(outside, radius / norms, 1.0)
+
+    for flat, scale in _unit_scales(params, dim, shrink):
         if return_stats:
-            units += norms.numel()
-            projected.append(outside.sum())
-            largest.append(torch.where(torch.isfinite(norms), norms, 0.0).amax())
+            units += flat.numel()
+            projected.append((scale != 1).sum())
+            largest.append(torch.where(torch.isfinite(flat), flat, 0.0).amax())
     if not return_stats:
         return None
     if not projected:
@@ -146,12 +162,12 @@ def unit_norm_(params: Iterable[torch.Tensor], *, dim: Dim = "unit") -> None:
         tensor([[0.6000, 0.8000]])
     """
     dim = _check_dim(dim)
-    for group in _grouped(params):
-        stacked = torch.stack(group)
-        norms = _unit_norms(stacked, _reduce_dims(group[0].shape, dim))
-        ok = torch.isfinite(norms) & (norms > 0)
-        scale = torch.where(ok, 1.0 / norms, torch.ones_like(norms)).to(stacked.dtype)
-        torch._foreach_mul_(group, list(scale.unbind(0)))
+
+    def to_unit(norms: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isfinite(norms) & (norms > 0), 1.0 / norms, 1.0)
+
+    for _ in _unit_scales(params, dim, to_unit):
+        pass
 
 
 def non_neg_(params: Iterable[torch.Tensor]) -> None:
