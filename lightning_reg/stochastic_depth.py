@@ -130,8 +130,13 @@ class _TouchParams(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        zeros = [torch.zeros((), dtype=d, device=dev).expand(s) for s, d, dev in ctx.param_meta]
-        return (grad, *zeros)
+        zero: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        grads = []
+        for shape, dtype, device in ctx.param_meta:
+            if (dtype, device) not in zero:
+                zero[dtype, device] = torch.zeros((), dtype=dtype, device=device)
+            grads.append(zero[dtype, device].expand(shape))
+        return (grad, *grads)
 
 
 def _skip(x: torch.Tensor, block: Any) -> torch.Tensor:
@@ -179,16 +184,15 @@ def stochastic_depth(
         RuntimeError: if the block's output shape differs from its input's, or row mode meets
             an extra tensor argument it does not know how to slice.
     """
-    if not isinstance(keep, torch.Tensor):
-        keep = torch.tensor(bool(keep))
-    keep = keep.cpu()
-    if keep.dim() == 0:
-        # Host tensor: bool() is not a device synchronisation.
-        if not bool(keep):
+    if isinstance(keep, torch.Tensor) and keep.dim() == 0:
+        keep = bool(keep.cpu())  # a host tensor in practice: no device sync
+    if isinstance(keep, bool):
+        if not keep:
             return _skip(x, block)
         y = block(x, *args, **kwargs)
         _check_shape(block, x, y)
-        return x + (y - x) / survival_prob
+        return _rescale(x, y, survival_prob)
+    keep = keep.cpu()
     if keep.dim() != 1 or keep.shape[0] != x.shape[batch_dim]:
         raise RuntimeError(
             f"Row-mode keep decisions must have shape ({x.shape[batch_dim]},) (the batch size "
@@ -201,7 +205,7 @@ def stochastic_depth(
     if n_kept == keep.shape[0]:
         y = block(x, *args, **kwargs)
         _check_shape(block, x, y)
-        return x + (y - x) / survival_prob
+        return _rescale(x, y, survival_prob)
     idx = kept_idx.to(x.device, non_blocking=True)
     if row_args is not None:
         args, kwargs = row_args(args, kwargs, idx)
@@ -215,8 +219,17 @@ def stochastic_depth(
     y_kept = block(x_kept, *args, **kwargs)
     _check_shape(block, x_kept, y_kept)
     dtype = torch.promote_types(x.dtype, y_kept.dtype)
-    delta = ((y_kept - x_kept) / survival_prob).to(dtype)
-    return x.to(dtype).index_add(batch_dim, idx, delta)
+    delta = (y_kept - x_kept).to(dtype)
+    return x.to(dtype).index_add(batch_dim, idx, delta, alpha=1.0 / survival_prob)
+
+
+def _rescale(x: torch.Tensor, y: torch.Tensor, survival_prob: float) -> torch.Tensor:
+    """``x + (y - x) / p`` (one fused ``lerp`` kernel when the dtypes agree)."""
+    if survival_prob == 1.0:
+        return y
+    if x.dtype == y.dtype:
+        return torch.lerp(x, y, 1.0 / survival_prob)
+    return x + (y - x) / survival_prob
 
 
 def _check_shape_on_meta(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
@@ -421,10 +434,15 @@ class StochasticDepthWrapper(SurgeryWrapper):
                 _check_shape(self.block, x, y)
                 self._verified = True
             return y
-        batch = None if self.mode == "batch" else x.shape[self.batch_dim]
-        keep = sample_keep(self.survival_prob, batch, generator=self.generator)
-        n = 1 if batch is None else batch
-        n_kept = int(keep.sum())  # a host tensor: no device sync
+        keep: bool | torch.Tensor
+        if self.mode == "batch":
+            keep = bool(sample_keep(self.survival_prob, generator=self.generator))
+            n, n_kept = 1, int(keep)
+        else:
+            keep = sample_keep(
+                self.survival_prob, x.shape[self.batch_dim], generator=self.generator
+            )
+            n, n_kept = keep.shape[0], int(keep.sum())  # a host tensor: no device sync
         self.drawn += n
         self.dropped += n - n_kept
         if n_kept == 0 and not self._verified:
