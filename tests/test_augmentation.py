@@ -351,3 +351,42 @@ def test_callback_errors():
     )
     with pytest.raises(RuntimeError, match="tuple"):
         _fit([DataAugmentationCallback(GaussianNoise())], loader=tuples, val=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_on_device_reproducibly_and_keep_global_rng():
+    from lightning_reg.label_smoothing import smooth_labels
+    from lightning_reg.mixing import CutMixCallback, MixUpCallback, MixUpCutMixCallback
+
+    dev = torch.device("cuda")
+    x = torch.rand(16, 3, 12, 12, device=dev)
+    y = torch.randint(0, 5, (16,), device=dev)
+    kornia_aug = K.AugmentationSequential(K.RandomHorizontalFlip(), K.RandomAffine(15.0)).to(dev)
+    transforms = [
+        Compose([RandomAffineCrop(8, degrees=10.0), ColorJitter(0.3, 0.3, 0.3, 0.1)]),
+        Compose([RandomHorizontalFlip(), RandomResizedCrop(8), RandomRotation(10.0)]),
+        Compose([RandomErasing(1.0), GaussianNoise((0.0, 0.1)), TimeMasking(3)]),
+        kornia_aug,
+    ]
+    for transform in transforms:
+        outs = []
+        for _ in range(2):
+            cb = DataAugmentationCallback(transform, seed=1)
+            torch.cuda.manual_seed(0)
+            expected = torch.rand(3, device=dev)
+            torch.cuda.manual_seed(0)
+            outs.append(cb.augment(x))
+            assert torch.equal(torch.rand(3, device=dev), expected)
+        assert outs[0].device.type == "cuda" and torch.equal(outs[0], outs[1])
+    tokens = torch.randint(2, 50, (4, 32), device=dev)
+    tm = TokenMasking(0.5, mask_token_id=1, mask_fraction=0.5, random_fraction=0.5, vocab_size=50)
+    assert tm(tokens, torch.Generator(device=dev).manual_seed(0)).device.type == "cuda"
+    for cls in (MixUpCallback, CutMixCallback, MixUpCutMixCallback):
+        for mode in ("batch", "sample"):
+            a = cls(num_classes=5, mode=mode, seed=2).mix_batch(x, y)
+            b = cls(num_classes=5, mode=mode, seed=2).mix_batch(x, y)
+            assert a[0].device.type == "cuda" and torch.equal(a[0], b[0])
+            torch.testing.assert_close(a[1].sum(1), torch.ones(16, device=dev))
+    torch.testing.assert_close(
+        smooth_labels(y, 0.1, 5), smooth_labels(y.cpu(), 0.1, 5).to(dev), rtol=0, atol=0
+    )
