@@ -388,7 +388,7 @@ def test_precise_bn_callback_in_trainer(precision):
     x = x * 3 - 2
     module = ClassifierModule(bn_mlp(), lr=0.05)
     cb = PreciseBatchNormCallback(num_batches=50)
-    trainer = tiny_trainer(max_epochs=2, precision=precision, callbacks=[cb], limit_val_batches=1)
+    trainer = tiny_trainer(max_epochs=1, precision=precision, callbacks=[cb], limit_val_batches=1)
     with pytest.warns(UserWarning, match="only 6 batches"):
         trainer.fit(module, list_loader(x, y, batch_size=8), list_loader(x, y, batch_size=8))
     assert cb.last_num_batches == 6 and cb.last_step == trainer.global_step

@@ -31,7 +31,7 @@ def precise_bn_fit(rank: int, sync_batchnorm: bool = False, precision: str = "32
     x = x * 2.0 + 1.0
     module = ClassifierModule(bn_mlp(), lr=0.05)
     trainer = tiny_trainer(
-        max_epochs=2,
+        max_epochs=1,
         limit_val_batches=1,
         precision=precision,
         sync_batchnorm=sync_batchnorm,
