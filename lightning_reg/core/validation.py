@@ -63,13 +63,15 @@ def check_range(
         TypeError: if ``value`` is not a real number.
         ValueError: if ``value`` is NaN, infinite or outside the interval.
     """
-    number = check_finite(name, value)
+    number = _as_float(name, value)
     too_low = number < low if low_inclusive else number <= low
     too_high = number > high if high_inclusive else number >= high
-    if too_low or too_high:
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
-        raise ValueError(f"`{name}` must be in {left}{low:g}, {high:g}{right}, got {value!r}")
+    if not math.isfinite(number) or too_low or too_high:
+        left = "[" if low_inclusive and math.isfinite(low) else "("
+        right = "]" if high_inclusive and math.isfinite(high) else ")"
+        raise ValueError(
+            f"`{name}` must be a finite number in {left}{low:g}, {high:g}{right}, got {value!r}"
+        )
     return number
 
 

@@ -1,0 +1,262 @@
+"""core/: validation, parameter selection, schedules, batch access, surgery, optimizer hooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_reg.core.batch import BatchSlot
+from lightning_reg.core.hooks import OptimizerStepHooks
+from lightning_reg.core.params import ParamSelection
+from lightning_reg.core.schedules import (
+    CallableSchedule,
+    ConstantSchedule,
+    CosineSchedule,
+    LinearSchedule,
+    StepSchedule,
+    as_schedule,
+)
+from lightning_reg.core.surgery import (
+    SurgeryWrapper,
+    format_changes,
+    replace_modules,
+    restore_modules,
+)
+from lightning_reg.core.validation import (
+    check_choice,
+    check_int,
+    check_non_negative,
+    check_positive,
+    check_probability,
+)
+
+# ---------------------------------------------------------------- validation
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_checks_accept_exactly_the_finite_values_in_range(x):
+    ok = math.isfinite(x) and x >= 0
+    if ok:
+        assert check_non_negative("strength", x) == x
+    else:
+        with pytest.raises(ValueError, match=r"`strength`.*got"):
+            check_non_negative("strength", x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 0.0, -1.0])
+def test_check_positive_rejects_nan_inf_and_non_positive(bad):
+    with pytest.raises(ValueError, match=r"`r` must be a finite number in \(0, inf\), got"):
+        check_positive("r", bad)
+
+
+def test_probability_ends_and_types():
+    assert check_probability("p", 0.0) == 0.0
+    with pytest.raises(ValueError, match=r"`p` must be a finite number in \[0, 1\), got 1.0"):
+        check_probability("p", 1.0, allow_one=False)
+    for bad in ("0.5", None, True, [0.5]):
+        with pytest.raises(TypeError, match="`p`"):
+            check_probability("p", bad)
+    with pytest.raises(TypeError, match="`n`"):
+        check_int("n", 2.0)
+    with pytest.raises(ValueError, match=r"`n` must be in \[1, inf\], got 0"):
+        check_int("n", 0, minimum=1)
+    with pytest.raises(ValueError, match="`mode` must be one of 'a', 'b'; got 'c'"):
+        check_choice("mode", "c", ("a", "b"))
+
+
+# ---------------------------------------------------------------- parameter selection
+
+
+def test_weights_preset_on_torchvision_resnet_skips_biases_and_batchnorm():
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None)
+    names = [s.name for s in ParamSelection("weights").select(model)]
+    assert "conv1.weight" in names and "fc.weight" in names
+    assert not any(n.endswith(".bias") for n in names)
+    assert not any(".bn" in n or n.startswith("bn1") for n in names)
+    assert len(ParamSelection("all").select(model)) == len(list(model.parameters()))
+
+
+def test_globs_and_types_refine_the_selection():
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    no_embed = ParamSelection("weights", exclude_types=(nn.Embedding,)).select(model)
+    assert [s.name for s in no_embed] == ["1.weight", "3.weight"]
+    only_last = ParamSelection("all", include=("3.*",)).select(model)
+    assert [s.name for s in only_last] == ["3.weight", "3.bias"]
+    linear_only = ParamSelection("all", include_types=nn.Linear, exclude=("*.bias",))
+    assert [s.name for s in linear_only.select(model)] == ["1.weight", "3.weight"]
+
+
+def test_shared_and_frozen_parameters():
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(3, 2))
+    model[3].weight.requires_grad_(False)
+    names = [s.name for s in ParamSelection("weights").select(model)]
+    assert names == ["0.weight"]
+
+
+def test_empty_selection_and_bad_specs():
+    with pytest.raises(RuntimeError, match="matched no parameter"):
+        ParamSelection("weights").select(nn.Sequential(nn.ReLU()))
+    assert ParamSelection("weights").select(nn.ReLU(), allow_empty=True) == []
+    with pytest.raises(ValueError, match="`params` must be one of 'weights', 'all'"):
+        ParamSelection.coerce("biases")
+    with pytest.raises(TypeError, match="params"):
+        ParamSelection.coerce(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="include_types"):
+        ParamSelection(include_types=(int,))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- schedules
+
+
+@given(st.floats(-5, 5), st.floats(-5, 5), st.integers(1, 50), st.integers(0, 100))
+def test_linear_and_cosine_schedules_hit_their_ends_and_stay_between(start, end, duration, t):
+    for schedule in (LinearSchedule(start, end, duration), CosineSchedule(start, end, duration)):
+        assert schedule.at(0) == pytest.approx(start)
+        assert schedule.at(duration) == pytest.approx(end)
+        assert min(start, end) - 1e-9 <= schedule.at(t) <= max(start, end) + 1e-9
+        if t >= duration:
+            assert schedule.at(t) == pytest.approx(end)
+
+
+def test_step_constant_callable_and_units():
+    s = StepSchedule([0.5, 0.1, 0.0], boundaries=[2, 5], unit="step")
+    assert [s.value(epoch=0, step=t) for t in (0, 2, 4, 5, 9)] == [0.5, 0.1, 0.1, 0.0, 0.0]
+    assert ConstantSchedule(0.3).value(epoch=7, step=100) == 0.3
+    assert CallableSchedule(lambda e: 0.1 * e).value(epoch=3, step=0) == pytest.approx(0.3)
+    assert isinstance(as_schedule(0.2), ConstantSchedule)
+    with pytest.raises(ValueError, match="boundaries"):
+        StepSchedule([1.0, 2.0], boundaries=[3, 1, 2])
+    with pytest.raises(ValueError, match="unit"):
+        LinearSchedule(0, 1, 5, unit="batch")
+    with pytest.raises(ValueError, match="start"):
+        LinearSchedule(float("nan"), 1, 5)
+    with pytest.raises(TypeError, match="schedule"):
+        as_schedule("cosine")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- batch access
+
+
+def test_batch_slot_reads_and_writes_lists_and_dicts():
+    x = torch.ones(2)
+    batch = [x, torch.zeros(2)]
+    BatchSlot(0).set(batch, x * 3)
+    assert torch.equal(BatchSlot(0).get(batch), torch.full((2,), 3.0))
+    d = {"image": x, "label": torch.zeros(2)}
+    BatchSlot("label", role="target").set(d, torch.ones(2))
+    assert torch.equal(d["label"], torch.ones(2))
+
+
+def test_batch_slot_errors_say_what_to_do():
+    with pytest.raises(RuntimeError, match=r"tuple.*list or a dict"):
+        BatchSlot(0).get((torch.ones(1), torch.ones(1)))
+    with pytest.raises(RuntimeError, match=r"target_key='y'.*available"):
+        BatchSlot("y", role="target").get({"x": torch.ones(1)})
+    with pytest.raises(RuntimeError, match="not a tensor"):
+        BatchSlot(1).get([torch.ones(1), "label"])
+    with pytest.raises(TypeError, match="input_key"):
+        BatchSlot(1.5)  # type: ignore[arg-type]
+
+
+def test_batch_slot_user_functions():
+    class Pair:
+        def __init__(self):
+            self.inputs = torch.zeros(1)
+
+    pair = Pair()
+    slot = BatchSlot(0, getter=lambda b: b.inputs, setter=lambda b, v: setattr(b, "inputs", v))
+    slot.set(pair, torch.ones(1))
+    assert torch.equal(slot.get(pair), torch.ones(1))
+
+
+# ---------------------------------------------------------------- surgery
+
+
+class Wrapped(SurgeryWrapper):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def unwrap(self) -> nn.Module:
+        return self.inner
+
+
+def test_replace_and_restore_round_trip():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    original = [type(m) for m in model.modules()]
+    changes = replace_modules(model, {nn.Linear: lambda m, path: Wrapped(m)})
+    assert [c.path for c in changes] == ["0", "2.0"]
+    assert all(c.old_type == "Linear" and c.new_type == "Wrapped" for c in changes)
+    assert "2 module(s) changed" in format_changes(changes, "test")
+    with pytest.raises(RuntimeError, match="already wrapped"):
+        replace_modules(model, {nn.Linear: Wrapped}, refuse_if_contains=(Wrapped,))
+    restored = restore_modules(model, Wrapped)
+    assert len(restored) == 2
+    assert [type(m) for m in model.modules()] == original
+
+
+def test_policy_returning_a_non_module_fails():
+    with pytest.raises(TypeError, match=r"must return an nn\.Module or None"):
+        replace_modules(nn.Sequential(nn.ReLU()), {nn.ReLU: lambda m, p: 3})
+
+
+# ---------------------------------------------------------------- optimizer hooks
+
+
+def test_before_step_runs_after_the_closure_and_before_the_update():
+    w = nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=0.1)
+    seen = []
+
+    def before(optimizer):
+        seen.append(("before", w.grad.clone() if w.grad is not None else None, w.item()))
+
+    def after(optimizer):
+        seen.append(("after", None, w.item()))
+
+    hooks = OptimizerStepHooks(before_step=before, after_step=after)
+    hooks.attach([opt])
+
+    def closure():
+        opt.zero_grad()
+        (w * 2).sum().backward()
+        return torch.tensor(0.0)
+
+    opt.step(closure=closure)  # Lightning's non-AMP path
+    opt.step(closure)  # closure as a positional argument
+    opt.step()  # AMP path: gradients already exist
+    assert [s[0] for s in seen] == ["before", "after"] * 3
+    assert seen[0][1] is not None and seen[0][1].item() == 2.0  # gradients existed
+    assert seen[0][2] == 1.0 and seen[1][2] == pytest.approx(0.8)
+    hooks.detach()
+    opt.step()
+    assert len(seen) == 6
+
+
+def test_hooks_do_not_run_on_a_step_skipped_by_grad_scaler():
+    w = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    calls = []
+    hooks = OptimizerStepHooks(after_step=lambda o: calls.append(1))
+    hooks.attach([opt])
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale((w * float("inf")).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert calls == []
+    opt.zero_grad()
+    scaler.scale((w * 2).sum()).backward()
+    scaler.step(opt)
+    assert calls == [1]
+    hooks.detach()
