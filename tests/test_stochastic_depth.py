@@ -397,7 +397,7 @@ def test_row_mode_refuses_unknown_extra_tensor_args():
 # ----------------------------------------------------------------------------- Lightning
 
 
-def _fit_module(depth: int = 4, **trainer_kw):
+def _fit_module(depth: int = 4) -> ClassifierModule:
     torch.manual_seed(0)
     return ClassifierModule(ResidualMLP(depth=depth), optimizer="sgd_momentum")
 
@@ -432,7 +432,8 @@ def test_callback_in_trainer_logs_and_never_wraps_twice(tmp_path, monkeypatch):
     assert [id(w) for w in _wrappers(module)] == [id(w) for w in wrappers]
     assert len(messages) == 1 and "4 module(s) changed" in messages[0]
 
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     logged = {int(r["step"]): r for r in rows if r.get("reg/stochastic_depth/dropped_fraction", "")}
     assert sorted(logged) == [1, 3, 5, 7]  # logging steps only
     for step, r in logged.items():
