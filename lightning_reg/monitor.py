@@ -1,0 +1,400 @@
+"""Regularization diagnostics: weight norms, sparsity, train − val gap, calibration.
+
+:class:`RegularizationMonitorCallback` watches what regularization does to a model while it
+trains. It logs, under ``reg/monitor/...``:
+
+======================================  ==========================================  ==============
+key                                     what                                        when
+======================================  ==========================================  ==============
+``reg/monitor/norm/<layer>``            ``‖W‖₂`` (Frobenius) of each selected       logging steps
+                                        weight; ``<layer>`` is the parameter name
+                                        without its ``.weight`` suffix
+``reg/monitor/norm/total``              ``sqrt(Σ ‖W‖²)`` over the selected weights  logging steps
+``reg/monitor/sparsity``                fraction of selected weight entries that    logging steps
+                                        are exactly ``0``
+``reg/monitor/hist/<layer>``            ``wandb.Histogram`` of each weight (only    logging steps
+                                        with a ``WandbLogger``)
+``reg/monitor/gap/<metric>``            ``train_<metric> − val_<metric>``           train epoch end
+``reg/monitor/ece``                     expected calibration error of the           val epoch end
+                                        validation predictions (torchmetrics
+                                        ``MulticlassCalibrationError``)
+======================================  ==========================================  ==============
+
+The step diagnostics are computed only on logging steps (Lightning's ``log_every_n_steps``, or
+``every_n_steps``), with one ``torch._foreach_norm`` for the norms and one for the non-zero
+counts, and a single device-to-host copy of the results. Like Lightning's own
+``LearningRateMonitor``, they are written straight to ``trainer.loggers`` (so every logger
+receives them, with Lightning's step counter); the epoch quantities (gap, ECE) go through
+``pl_module.log`` and so also appear in ``trainer.callback_metrics``, where ``EarlyStopping`` or
+``ModelCheckpoint`` can monitor them.
+
+How the ECE sees the validation logits (choose one):
+
+1. ``validation_step`` returns a dict with a ``"logits"`` entry; or
+2. ``validation_step`` calls the LightningModule itself (``self(x)``): the callback registers a
+   forward hook on the LightningModule for the validation epoch and takes the last output of
+   each validation batch that has at least two dimensions (a scalar returned by
+   ``validation_step`` under DDP's forward redirection is ignored).
+
+The targets are read from the validation batch at ``target_key`` (index or dict key). Soft
+(probability) targets are reduced to their arg-max.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_reg.core.logging import is_logging_step
+from lightning_reg.core.params import ParamSelection
+from lightning_reg.core.validation import check_int
+
+__all__ = ["RegularizationMonitorCallback", "layer_key"]
+
+PREFIX = "reg/monitor"
+
+
+def layer_key(param_name: str) -> str:
+    """The ``<layer>`` part of a norm key: the parameter name without a ``.weight`` suffix."""
+    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
+
+
+def _read_slot(batch: Any, key: int | str) -> Any:
+    try:
+        return batch[key]
+    except (KeyError, IndexError, TypeError) as err:
+        raise RuntimeError(
+            f"RegularizationMonitorCallback cannot read the targets at target_key={key!r} from "
+            f"a validation batch of type {type(batch).__name__}. Set `target_key` to the index "
+            "or dict key of the targets, or `num_classes=None` to turn the ECE off."
+        ) from err
+
+
+class RegularizationMonitorCallback(Callback):
+    """Log weight norms, sparsity, the train − validation gap and calibration (ECE).
+
+    Args:
+        every_n_steps: compute the step diagnostics (norms, sparsity, histograms) after every
+            ``every_n_steps``-th optimizer step. ``None`` (default) follows the Trainer's
+            ``log_every_n_steps``.
+        num_classes: number of classes, for the ECE on validation. ``None`` turns the ECE off.
+        gap_metrics: metric names whose ``train_prefix + name`` and ``val_prefix + name`` are in
+            ``trainer.callback_metrics``; the callback logs their difference (train − val) at
+            the end of each training epoch in which validation ran. For an epoch mean rather
+            than the last step's value, log the train metric with ``on_epoch=True``.
+        params: which parameters count as weights: ``"weights"`` (ndim >= 2, outside norm
+            layers), ``"all"`` or a :class:`~lightning_reg.core.ParamSelection`.
+        histograms: with a ``WandbLogger``, also log a ``wandb.Histogram`` per weight.
+        histogram_bins: number of histogram bins.
+        ece_bins: number of confidence bins of the ECE.
+        target_key: index or key of the targets in a validation batch.
+        train_prefix: prefix of the train metrics for the gap.
+        val_prefix: prefix of the validation metrics for the gap.
+
+    Raises:
+        ValueError: if ``every_n_steps`` < 1, ``num_classes`` < 2, ``histogram_bins`` < 1 or
+            ``ece_bins`` < 1.
+        TypeError: if ``gap_metrics`` is not a sequence of strings.
+        RuntimeError: during training, when a gap metric is missing from
+            ``trainer.callback_metrics`` or the validation logits cannot be found or do not
+            have shape ``(batch, num_classes)``. The message says how to fix it.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> monitor = RegularizationMonitorCallback(every_n_steps=10, num_classes=10)
+        >>> trainer = pl.Trainer(callbacks=[monitor], logger=False, max_epochs=1)
+
+    Reference:
+        Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", ICML 2017
+        (the expected calibration error).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        *,
+        num_classes: int | None = None,
+        gap_metrics: Sequence[str] = ("loss",),
+        params: str | ParamSelection = "weights",
+        histograms: bool = True,
+        histogram_bins: int = 64,
+        ece_bins: int = 15,
+        target_key: int | str = 1,
+        train_prefix: str = "train_",
+        val_prefix: str = "val_",
+    ) -> None:
+        super().__init__()
+        if every_n_steps is not None:
+            check_int("every_n_steps", every_n_steps, minimum=1)
+        if num_classes is not None:
+            check_int("num_classes", num_classes, minimum=2)
+        check_int("histogram_bins", histogram_bins, minimum=1)
+        check_int("ece_bins", ece_bins, minimum=1)
+        if isinstance(gap_metrics, str) or not all(isinstance(m, str) for m in gap_metrics):
+            raise TypeError(
+                f"`gap_metrics` must be a sequence of metric names, got {gap_metrics!r}"
+            )
+        if isinstance(target_key, bool) or not isinstance(target_key, (int, str)):
+            raise TypeError(f"`target_key` must be an int index or a str key, got {target_key!r}")
+        self.every_n_steps = every_n_steps
+        self.num_classes = num_classes
+        self.gap_metrics = tuple(gap_metrics)
+        self.selection = ParamSelection.coerce(params)
+        self.histograms = bool(histograms)
+        self.histogram_bins = histogram_bins
+        self.ece_bins = ece_bins
+        self.target_key = target_key
+        self.train_prefix = train_prefix
+        self.val_prefix = val_prefix
+        #: the latest step diagnostics written to the loggers (global rank 0 only), as floats.
+        self.last_metrics: dict[str, float] = {}
+        self._names: list[str] = []
+        self._params: list[torch.Tensor] = []
+        self._last_step = -1
+        self._val_epoch = -1
+        self._ece: Any = None
+        self._hook: RemovableHandle | None = None
+        self._captured: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resolved here, after every callback's `setup` (model surgery) has run.
+        selected = self.selection.select(pl_module, allow_empty=True)
+        self._names = [layer_key(s.name) for s in selected]
+        self._params = [s.param for s in selected]
+        self._last_step = -1
+
+    # ------------------------------------------------------------ step metrics
+    def _due(self, trainer: pl.Trainer) -> bool:
+        if trainer.global_step == self._last_step:
+            return False
+        if self.every_n_steps is None:
+            return is_logging_step(trainer)
+        return trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not trainer.loggers or not trainer.is_global_zero or not self._due(trainer):
+            return
+        self._last_step = trainer.global_step
+        self.log_step_metrics(trainer)
+
+    @torch.no_grad()
+    def compute_step_metrics(self) -> dict[str, torch.Tensor]:
+        """Norms and sparsity of the selected weights, as 0-d tensors on their device."""
+        if not self._params:
+            return {}
+        params = [p.detach() for p in self._params]
+        out: dict[str, torch.Tensor] = {}
+        # Group by (device, dtype) for the foreach kernels; keep the original order of names.
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        norms: list[torch.Tensor | None] = [None] * len(params)
+        nonzero: list[torch.Tensor] = []
+        for index in groups.values():
+            tensors = [params[i] for i in index]
+            for i, n in zip(index, torch._foreach_norm(tensors)):
+                norms[i] = n.float()
+            nonzero.extend(c.float() for c in torch._foreach_norm(tensors, 0))
+        stacked = torch.stack([n for n in norms if n is not None])
+        for name, value in zip(self._names, stacked.unbind()):
+            out[f"{PREFIX}/norm/{name}"] = value
+        out[f"{PREFIX}/norm/total"] = stacked.square().sum().sqrt()
+        numel = sum(p.numel() for p in params)
+        out[f"{PREFIX}/sparsity"] = 1.0 - torch.stack(nonzero).sum() / numel
+        return out
+
+    @torch.no_grad()
+    def _histograms(self) -> dict[str, Any]:
+        import wandb
+
+        params = [p.detach().float().flatten() for p in self._params]
+        lo = torch.stack([p.min() for p in params]).tolist()
+        hi = torch.stack([p.max() for p in params]).tolist()
+        bins = self.histogram_bins
+        counts = torch.stack(
+            [
+                torch.histc(p, bins=bins, min=a, max=b if b > a else a + 1.0)
+                for p, a, b in zip(params, lo, hi)
+            ]
+        ).tolist()
+        out = {}
+        for name, c, a, b in zip(self._names, counts, lo, hi):
+            b = b if b > a else a + 1.0
+            edges = [a + (b - a) * k / bins for k in range(bins + 1)]
+            out[f"{PREFIX}/hist/{name}"] = wandb.Histogram(np_histogram=(c, edges))
+        return out
+
+    def log_step_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        """Compute the step diagnostics now and write them to every logger of ``trainer``."""
+        tensors = self.compute_step_metrics()
+        if not tensors:
+            return {}
+        # One device-to-host copy for all scalars.
+        values = torch.stack([v.reshape(()) for v in tensors.values()]).tolist()
+        metrics = dict(zip(tensors.keys(), values))
+        self.last_metrics = metrics
+        step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+        step = trainer.global_step if step is None else step
+        hists: dict[str, Any] | None = None
+        for logger in trainer.loggers:
+            extra: Mapping[str, Any] = {}
+            if self.histograms and _is_wandb(logger):
+                if hists is None:
+                    hists = self._histograms()
+                extra = hists
+            logger.log_metrics({**metrics, **extra}, step=step)
+        return metrics
+
+    # ----------------------------------------------------------------- the gap
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.gap_metrics or self._val_epoch != trainer.current_epoch:
+            return
+        metrics = trainer.callback_metrics
+        for name in self.gap_metrics:
+            train = _lookup(metrics, self.train_prefix + name, ("_epoch", "", "_step"))
+            val = _lookup(metrics, self.val_prefix + name, ("", "_epoch"))
+            if train is None or val is None:
+                missing = self.train_prefix + name if train is None else self.val_prefix + name
+                raise RuntimeError(
+                    f"RegularizationMonitorCallback(gap_metrics={list(self.gap_metrics)}) found "
+                    f"no {missing!r} in trainer.callback_metrics (available: "
+                    f"{sorted(metrics)}). Log it with `self.log({missing!r}, ...)` in your "
+                    "LightningModule, or change `gap_metrics` / `train_prefix` / `val_prefix`."
+                )
+            gap = train.detach().float().to(pl_module.device) - val.detach().float().to(
+                pl_module.device
+            )
+            pl_module.log(f"{PREFIX}/gap/{name}", gap, on_step=False, on_epoch=True)
+
+    # ---------------------------------------------------------------- the ECE
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.num_classes is None or trainer.sanity_checking:
+            return
+        if self._ece is None:
+            from torchmetrics.classification import MulticlassCalibrationError
+
+            self._ece = MulticlassCalibrationError(
+                num_classes=self.num_classes, n_bins=self.ece_bins, norm="l1"
+            )
+        self._ece = self._ece.to(pl_module.device)
+        self._ece.reset()
+        self._remove_hook()
+        self._hook = pl_module.register_forward_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        # Under DDP, Lightning runs `validation_step` itself through the module's `__call__`
+        # (forward redirection), so the hook also sees its return value (often the scalar
+        # loss) after the inner `self(x)`: keep only batch-shaped outputs.
+        if isinstance(output, torch.Tensor) and output.ndim >= 2:
+            self._captured = output.detach()
+
+    @override
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._captured = None
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._hook is None:
+            return
+        logits = None
+        if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+            logits = outputs["logits"].detach()
+        elif self._captured is not None:
+            logits = self._captured
+        if logits is None:
+            raise RuntimeError(
+                "RegularizationMonitorCallback(num_classes=...) needs the validation logits: "
+                "call the LightningModule itself (`self(x)`) in `validation_step`, or return "
+                "{'logits': logits, ...} from it. Set `num_classes=None` to turn the ECE off."
+            )
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise RuntimeError(
+                f"RegularizationMonitorCallback(num_classes={self.num_classes}) got validation "
+                f"logits of shape {tuple(logits.shape)}; it needs (batch, {self.num_classes}). "
+                "Return {'logits': ...} from `validation_step` or fix `num_classes`."
+            )
+        target = _read_slot(batch, self.target_key)
+        if not isinstance(target, torch.Tensor):
+            raise RuntimeError(
+                f"The validation targets at target_key={self.target_key!r} are a "
+                f"{type(target).__name__}, not a tensor. Set `target_key`."
+            )
+        if target.is_floating_point() and target.ndim == 2:
+            target = target.argmax(dim=1)
+        if target.shape[0] != logits.shape[0]:
+            raise RuntimeError(
+                f"RegularizationMonitorCallback: the validation batch has {target.shape[0]} "
+                f"targets but the captured logits have {logits.shape[0]} rows. Return "
+                "{'logits': logits} from `validation_step` so the callback uses the right ones."
+            )
+        self._ece.update(logits.float().softmax(dim=1), target.long())
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._val_epoch = trainer.current_epoch
+        if self._hook is None:
+            return
+        self._remove_hook()
+        ece = self._ece.compute()  # syncs across ranks under DDP
+        pl_module.log(f"{PREFIX}/ece", ece, on_step=False, on_epoch=True, sync_dist=False)
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._captured = None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hook()
+
+
+def _is_wandb(logger: Any) -> bool:
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(logger, WandbLogger)
+
+
+def _lookup(metrics: Mapping[str, Any], base: str, suffixes: Sequence[str]) -> torch.Tensor | None:
+    for suffix in suffixes:
+        value = metrics.get(base + suffix)
+        if value is not None:
+            return value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+    return None
