@@ -33,6 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -47,7 +48,7 @@ from lightning_reg.core.surgery import (
     replace_modules,
     restore_modules,
 )
-from lightning_reg.core.validation import check_int
+from lightning_reg.core.validation import check_choice, check_int
 from lightning_reg.dropout import _TransparentWrapper
 
 __all__ = [
@@ -77,6 +78,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+_IMPLS = ("auto", "loop", "vectorized")
+
+
 def virtual_batch_sizes(batch_size: int, virtual_batch_size: int) -> list[int]:
     """Row counts of the virtual batches a batch of ``batch_size`` rows is split into.
 
@@ -97,36 +101,57 @@ def ghost_batch_norm(
     virtual_batch_size: int,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_batches_tracked: int = 0,
+    impl: str = "auto",
+) -> torch.Tensor:
     """Normalise each virtual batch of ``x`` (shape ``(N, C, *S)``) with its own statistics.
 
-    Vectorised: the chunks of equal size are reshaped to ``(k, size, C, *S)`` and reduced in one
-    ``var_mean``; then ``y = x·scale + shift`` in one ``addcmul``. Statistics are computed in
-    float32 for low-precision inputs; ``y`` has the dtype of ``x``.
+    Every virtual batch is normalised with its mean and biased variance, exactly as
+    ``F.batch_norm(chunk, training=True)``. If running statistics are given they are updated as
+    ``BatchNorm`` would after seeing the chunks in turn with momentum ``momentum / n_chunks``
+    (with ``momentum=None``: the cumulative average, ``num_batches_tracked`` chunks seen so far).
+
+    Two implementations give the same result:
+
+    * ``"loop"``: one fused ``F.batch_norm`` per chunk (Composer's algorithm). Fastest on CPU,
+      where the fused kernel dominates and per-call overhead is small.
+    * ``"vectorized"``: the chunks of equal size are laid side by side as channels,
+      ``(size, k·C, *S)``, and normalised by ONE fused ``F.batch_norm`` whatever the number of
+      chunks (two when sizes differ); the per-chunk statistics come back through temporary
+      running buffers with momentum 1 and update the real ones in closed form
+      (:func:`update_running_stats_`). Costs two layout copies; meant for accelerators, where
+      a loop pays kernel launches per chunk.
+    * ``"auto"``: ``"loop"`` on CPU, ``"vectorized"`` elsewhere.
 
     Args:
         x: input ``(N, C, *S)``.
         virtual_batch_size: maximum rows per virtual batch (>= 1).
-        weight: optional per-channel scale ``γ`` (C,).
-        bias: optional per-channel shift ``β`` (C,).
+        weight, bias: optional per-channel affine parameters ``(C,)``.
+        running_mean, running_var: optional buffers ``(C,)`` updated in place.
+        momentum: BatchNorm momentum, or ``None`` for the cumulative average.
         eps: added to the variance.
+        num_batches_tracked: chunks seen before (only used when ``momentum is None``).
+        impl: ``"auto"``, ``"loop"`` or ``"vectorized"``.
 
     Returns:
-        ``(y, means, variances, counts)``: the output, per-chunk means and biased variances
-        ``(n_chunks, C)`` (float32 or wider) and the number of values per channel in each chunk
-        ``(n_chunks,)``.
+        The normalised tensor, same shape and dtype as ``x``.
 
     Raises:
         ValueError: if a virtual batch has a single value per channel (its variance is
-            undefined, as ``BatchNorm`` refuses in training), or ``x`` has fewer than 2 dims.
+            undefined; ``BatchNorm`` refuses it in training too), ``x`` has fewer than 2 dims,
+            or ``impl`` is unknown.
     """
     if x.ndim < 2:
         raise ValueError(f"ghost_batch_norm needs input (N, C, ...), got shape {tuple(x.shape)}")
+    check_choice("impl", impl, _IMPLS)
     n_rows, channels = x.shape[0], x.shape[1]
-    spatial = x.shape[2:]
-    per_row = math.prod(spatial)
+    spatial = tuple(x.shape[2:])
     sizes = virtual_batch_sizes(n_rows, virtual_batch_size)
+    per_row = math.prod(spatial)
     if min(sizes) * per_row <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel in each virtual batch when training, got "
@@ -134,34 +159,60 @@ def ghost_batch_norm(
             f"{tuple(x.shape)}, virtual_batch_size={virtual_batch_size}). Raise "
             "virtual_batch_size or the batch size."
         )
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    view = (1, 1, channels) + (1,) * len(spatial)
-    dims = (1, *range(3, x.ndim + 1))
-    outs, means, variances, counts = [], [], [], []
+    n = len(sizes)
+    track = running_mean is not None and running_var is not None
+    if impl == "auto":
+        impl = "loop" if x.device.type == "cpu" else "vectorized"
+    if impl == "loop" or n == 1:
+        outs = []
+        for k, chunk in enumerate(torch.split(x, sizes)):
+            if not track:
+                factor = 0.0
+            elif momentum is None:
+                factor = 1.0 / (num_batches_tracked + k + 1)
+            else:
+                factor = momentum / n
+            outs.append(
+                F.batch_norm(chunk, running_mean, running_var, weight, bias, True, factor, eps)
+            )
+        return torch.cat(outs, dim=0)
+
+    stats_dtype = torch.promote_types(running_mean.dtype if track else torch.float32, torch.float32)
+    outs, means, variances = [], [], []
     start = 0
-    for size in sorted(set(sizes), reverse=True):
+    for size in sorted(set(sizes), reverse=True):  # tensor_split puts the larger chunks first
         k = sizes.count(size)
-        part = x[start : start + k * size].reshape(k, size, channels, *spatial)
+        part = x[start : start + k * size]
         start += k * size
-        part = part.to(compute_dtype)
-        var, mean = torch.var_mean(part, dim=dims, correction=0, keepdim=True)
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight.to(compute_dtype).view(view)
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias.to(compute_dtype).view(view)
-        outs.append(torch.addcmul(shift, part, scale).reshape(k * size, channels, *spatial))
-        means.append(mean.reshape(k, channels))
-        variances.append(var.reshape(k, channels))
-        counts += [size * per_row] * k
-    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    return (
-        y.to(x.dtype),
-        torch.cat(means, dim=0),
-        torch.cat(variances, dim=0),
-        torch.tensor(counts, device=x.device, dtype=compute_dtype),
-    )
+        side_by_side = part.reshape(k, size, channels, *spatial).transpose(0, 1)
+        side_by_side = side_by_side.reshape(size, k * channels, *spatial)
+        tmp_mean = torch.zeros(k * channels, device=x.device, dtype=stats_dtype)
+        tmp_var = torch.ones(k * channels, device=x.device, dtype=stats_dtype)
+        y = F.batch_norm(
+            side_by_side,
+            tmp_mean if track else None,
+            tmp_var if track else None,
+            None if weight is None else weight.repeat(k),
+            None if bias is None else bias.repeat(k),
+            True,
+            1.0,
+            eps,
+        )
+        y = y.reshape(size, k, channels, *spatial).transpose(0, 1)
+        outs.append(y.reshape(k * size, channels, *spatial))
+        means.append(tmp_mean.view(k, channels))
+        variances.append(tmp_var.view(k, channels))
+    if track:
+        assert running_mean is not None and running_var is not None
+        update_running_stats_(
+            running_mean,
+            running_var,
+            torch.cat(means),
+            torch.cat(variances),
+            momentum,
+            num_batches_tracked,
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 @torch.no_grad()
@@ -230,6 +281,7 @@ class GhostBatchNorm(_BatchNorm):
         num_features: channels ``C``.
         eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm2d``.
         virtual_batch_size: rows per virtual batch (>= 1; keyword).
+        impl: ``"auto"``, ``"loop"`` or ``"vectorized"``, see :func:`ghost_batch_norm`.
 
     Raises:
         ValueError: if ``virtual_batch_size`` is not an integer >= 1; in training, if a virtual
@@ -256,9 +308,11 @@ class GhostBatchNorm(_BatchNorm):
         dtype: Any = None,
         *,
         virtual_batch_size: int = 32,
+        impl: str = "auto",
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.virtual_batch_size = check_int("virtual_batch_size", virtual_batch_size, minimum=1)
+        self.impl = check_choice("impl", impl, _IMPLS)
         self.last_num_virtual_batches = 0
         self._warned_small_batch = False
 
@@ -286,24 +340,28 @@ class GhostBatchNorm(_BatchNorm):
             if self.training:
                 self.last_num_virtual_batches = 1
             return super().forward(input)
-        y, means, variances, counts = ghost_batch_norm(
-            input, self.virtual_batch_size, self.weight, self.bias, self.eps
-        )
+        update = self.training and self.track_running_stats and self.running_mean is not None
         if self.training:
-            self.last_num_virtual_batches = means.shape[0]
-        if self.training and self.track_running_stats and self.running_mean is not None:
-            assert self.running_var is not None and self.num_batches_tracked is not None
-            with torch.no_grad():
-                unbiased = variances * (counts / (counts - 1)).unsqueeze(1)
-                update_running_stats_(
-                    self.running_mean,
-                    self.running_var,
-                    means.detach(),
-                    unbiased.detach(),
-                    self.momentum,
-                    int(self.num_batches_tracked),
-                )
-                self.num_batches_tracked.add_(means.shape[0])
+            self.last_num_virtual_batches = math.ceil(rows / self.virtual_batch_size)
+        tracked = 0
+        if update and self.momentum is None:
+            assert self.num_batches_tracked is not None
+            tracked = int(self.num_batches_tracked)  # BatchNorm syncs here too
+        y = ghost_batch_norm(
+            input,
+            self.virtual_batch_size,
+            self.weight,
+            self.bias,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.momentum,
+            self.eps,
+            tracked,
+            self.impl,
+        )
+        if update:
+            assert self.num_batches_tracked is not None
+            self.num_batches_tracked.add_(self.last_num_virtual_batches)
         return y
 
     @classmethod
