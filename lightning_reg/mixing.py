@@ -126,7 +126,8 @@ def sample_beta(
 
 def _weights(lam: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
     if isinstance(lam, torch.Tensor):
-        return lam.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
+        lam = lam.to(device=like.device, dtype=like.dtype)
+        return lam.view(-1, *([1] * (like.ndim - 1))) if lam.numel() > 1 else lam.reshape(())
     return lam
 
 
@@ -147,9 +148,9 @@ def mixup(
         tensor([[0.7500, 0.2500],
                 [0.2500, 0.7500]])
     """
-    lx, ly = _weights(lam, x), _weights(lam, targets)
-    x_mix = x * lx + x[perm] * (1 - lx)
-    y_mix = targets * ly + targets[perm] * (1 - ly)
+    # lerp(start, end, w) is one fused kernel and exact at the ends: w = 1 gives `end` = x.
+    x_mix = torch.lerp(x[perm], x, _weights(lam, x))
+    y_mix = torch.lerp(targets[perm], targets, _weights(lam, targets))
     return x_mix, y_mix
 
 
@@ -213,8 +214,7 @@ def cutmix(
     x_mix = torch.where(mask, x[perm], x)
     area = (y1 - y0) * (x1 - x0)
     lam = 1.0 - area.to(torch.float32) / float(height * width)
-    ly = _weights(lam, targets)
-    y_mix = targets * ly + targets[perm] * (1 - ly)
+    y_mix = torch.lerp(targets[perm], targets, _weights(lam, targets))
     return x_mix, y_mix, lam
 
 
