@@ -667,15 +667,18 @@ class RunningMoments:
 
     @staticmethod
     def merge(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor) -> RunningMoments:
-        """Combine ``(R,)`` counts, ``(R, C)`` means and ``(R, C)`` M2s into one (in order)."""
+        """Combine ``(R,)`` counts, ``(R, C)`` means and ``(R, C)`` M2s into one, exactly.
+
+        Closed form of Chan's rule: ``μ = Σ n_r μ_r / N``, ``M2 = Σ M2_r + Σ n_r (μ_r − μ)²``.
+        """
         out = RunningMoments(means.shape[1], means.device)
-        out.count, out.mean, out.m2 = (
-            out.count.to(counts.dtype),
-            out.mean.to(means.dtype),
-            out.m2.to(m2s.dtype),
-        )
-        for r in range(counts.shape[0]):
-            out._merge(counts[r], means[r], m2s[r])
+        dtype = out.mean.dtype
+        counts, means, m2s = counts.to(dtype), means.to(dtype), m2s.to(dtype)
+        total = counts.sum()
+        mean = (counts.unsqueeze(1) * means).sum(0) / total.clamp_min(1)
+        out.count = total
+        out.mean = mean
+        out.m2 = m2s.sum(0) + (counts.unsqueeze(1) * (means - mean) ** 2).sum(0)
         return out
 
     def pack(self) -> torch.Tensor:
@@ -760,24 +763,50 @@ def recompute_batch_norm_stats(
             "Precise BN found no BatchNorm layer with running statistics in the model."
         )
     forward_fn = forward_fn or _default_forward(input_key)
-    moments = [RunningMoments(m.num_features, m.running_mean.device) for m in layers]
     flags = [(m, m.training) for m in model.modules()]
-    tracking = [(m, m.track_running_stats) for m in layers]
+    saved = [
+        (m, m.track_running_stats, m.momentum, [b.detach().clone() for b in m.buffers()])
+        for m in layers
+    ]
+    # Plain BatchNorm computes the batch statistics anyway: with momentum 1 its buffers hold
+    # exactly the batch mean and unbiased variance after each forward, read by a post-hook (no
+    # second pass over the activations). Layers with their own forward (ghost, SyncBatchNorm,
+    # custom) get their input's moments computed by a pre-hook instead.
+    fast = [type(m).forward is _BatchNorm.forward for m in layers]
 
-    def make_hook(acc: RunningMoments) -> Callable[..., None]:
+    records: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
+
+    def pre_hook(rec: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            acc.update(args[0])
+            x = args[0].detach()
+            n = x.numel() // x.shape[1]
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))
+            var, mean = torch.var_mean(xf, dim=[0, *range(2, x.ndim)], correction=0)
+            rec.append((n, mean, var * n))
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(a)) for m, a in zip(layers, moments)]
+    def post_hook(rec: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            n = args[0].numel() // args[0].shape[1]
+            rec.append((n, module.running_mean.clone(), module.running_var * (n - 1)))
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(post_hook(r)) if f else m.register_forward_pre_hook(pre_hook(r))
+        for m, r, f in zip(layers, records, fast)
+    ]
     used = 0
     try:
         for module, _ in flags:
             module.training = False
-        for module in layers:
+        for module, is_fast in zip(layers, fast):
             module.training = True
-            module.track_running_stats = False  # batch statistics, buffers untouched
+            if is_fast:
+                module.momentum = 1.0
+            else:
+                module.track_running_stats = False  # batch statistics, buffers untouched
         for batch in batches:
             if used >= num_batches:
                 break
@@ -788,8 +817,21 @@ def recompute_batch_norm_stats(
             handle.remove()
         for module, flag in flags:
             module.training = flag
-        for module, flag in tracking:
-            module.track_running_stats = flag
+        for module, track, momentum, buffers in saved:
+            module.track_running_stats = track
+            module.momentum = momentum
+            for buf, old in zip(module.buffers(), buffers):
+                buf.copy_(old)
+    if used == 0:
+        raise RuntimeError("Precise BN got no batch: the training data loader is empty.")
+    moments = [
+        RunningMoments.merge(
+            torch.tensor([r[0] for r in rec], device=m.running_mean.device),
+            torch.stack([r[1] for r in rec]),
+            torch.stack([r[2] for r in rec]),
+        )
+        for m, rec in zip(layers, records)
+    ]
     if reduce_fn is not None:
         packed = torch.cat([a.pack() for a in moments])
         gathered = reduce_fn(packed)
@@ -802,8 +844,6 @@ def recompute_batch_norm_stats(
             )
             offset += size
         moments = merged
-    if float(moments[0].count) == 0:
-        raise RuntimeError("Precise BN got no batch: the training data loader is empty.")
     for module, acc in zip(layers, moments):
         module.running_mean.copy_(acc.mean.to(module.running_mean.dtype))
         module.running_var.copy_(acc.var.to(module.running_var.dtype))
