@@ -115,7 +115,7 @@ def write_csv(result: AblationResult, path: Path) -> Path:
             values = []
             for k in keys:
                 mean, std = row.get(k, (math.nan, math.nan))
-                values += [f"{mean:.6g}", f"{std:.6g}"]
+                values += [f"{mean:.8g}", f"{std:.8g}"]
             n = len(result.by_technique()[name])
             writer.writerow([name, registry.describe(name).classes, n, *values])
     return path
@@ -129,7 +129,7 @@ def write_runs_csv(result: AblationResult, path: Path) -> Path:
         writer.writerow(["technique", "seed", *keys])
         for r in result.runs:
             writer.writerow(
-                [r.technique, r.seed, *[f"{r.metrics.get(k, math.nan):.6g}" for k in keys]]
+                [r.technique, r.seed, *[f"{r.metrics.get(k, math.nan):.8g}" for k in keys]]
             )
     return path
 

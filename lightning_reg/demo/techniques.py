@@ -201,7 +201,7 @@ def _stochastic_depth(ctx: TechniqueContext) -> Recipe:
 
 
 #: The Jacobian weight λ of the ablation run.
-JACOBIAN_WEIGHT = 0.05
+JACOBIAN_WEIGHT = 0.01
 
 
 def _jacobian(ctx: TechniqueContext) -> Recipe:
