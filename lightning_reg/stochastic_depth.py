@@ -9,7 +9,7 @@ wrapper around a shape-preserving block ``f`` computes
 * eval: ``f(x)`` exactly, bit for bit the output of the unwrapped block.
 
 ``mode="batch"`` draws one decision per block and step; ``mode="row"`` draws one per sample and
-runs the block only on the kept rows (``index_select``, then ``index_add`` back).
+runs the block only on the kept rows (``index_select``, then ``index_put`` back).
 
 Unlike torchvision's ``StochasticDepth`` and timm's ``DropPath`` (which compute the block and
 multiply it by a mask), a dropped block costs nothing. It still runs under plain
@@ -218,9 +218,12 @@ def stochastic_depth(
     x_kept = x.index_select(batch_dim, idx)
     y_kept = block(x_kept, *args, **kwargs)
     _check_shape(block, x_kept, y_kept)
+    # Kept rows become lerp(x, y, 1/p) = x + (y - x) / p; ``index_put`` with unique indices
+    # saves only the indices for backward (``index_add`` would also save its source rows).
     dtype = torch.promote_types(x.dtype, y_kept.dtype)
-    delta = (y_kept - x_kept).to(dtype)
-    return x.to(dtype).index_add(batch_dim, idx, delta, alpha=1.0 / survival_prob)
+    rows = torch.lerp(x_kept.to(dtype), y_kept.to(dtype), 1.0 / survival_prob)
+    out = x.to(dtype).movedim(batch_dim, 0).index_put((idx,), rows.movedim(batch_dim, 0))
+    return out.movedim(0, batch_dim)
 
 
 def _rescale(x: torch.Tensor, y: torch.Tensor, survival_prob: float) -> torch.Tensor:
