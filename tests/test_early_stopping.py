@@ -524,3 +524,21 @@ def test_ddp_ranks_stop_together_with_identical_restored_weights(ddp_pool):
     assert out[0] == out[1]
     assert out[0]["stopped_epoch"] == 4 and out[0]["best_epoch"] == 2
     assert out[0]["final"] == out[0]["best_snapshot"] != out[0]["last_snapshot"]
+
+
+def test_loads_from_a_cli_config():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_class_arguments(EarlyStoppingCallback, "es")
+    cfg = parser.parse_string(
+        "es:\n  monitor: val_loss\n  criterion: progress_quotient\n"
+        "  train_monitor: train_loss_epoch\n  baseline: 0.5\n  smoothing: 0.3\n"
+    )
+    es = parser.instantiate_classes(cfg).es
+    assert isinstance(es, EarlyStoppingCallback)
+    assert (es.criterion, es.train_monitor, es.baseline, es.smoothing) == (
+        "progress_quotient",
+        "train_loss_epoch",
+        0.5,
+        0.3,
+    )
