@@ -51,6 +51,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "gap": ("train−val gap pp", "pp"),
     "val_nll": ("val NLL", "float"),
     "ece": ("ECE %", "pct"),
+    "confidence": ("mean conf %", "pct"),
     "sparsity": ("zero weights %", "pct"),
     "noisy_acc": ("noisy acc %", "pct"),
     "max_unit_norm": ("max ‖w_unit‖", "float"),
@@ -181,6 +182,7 @@ def evaluate(
             "val_acc": _accuracy(val_logits, data.y_val),
             "val_nll": float(F.cross_entropy(val_logits, data.y_val)),
             "ece": float(ece(val_logits.softmax(dim=1), data.y_val)),
+            "confidence": float(val_logits.softmax(dim=1).max(dim=1).values.mean()),
             "noisy_acc": statistics.fmean(noisy),
             "sparsity": weight_sparsity(module),
             "max_unit_norm": max_unit_norm(module),
@@ -336,7 +338,8 @@ def run_one(
 
     metrics = evaluate(module, data, noise_scale=cfg.noise_scale, noise_draws=noise_draws)
     metrics["seconds"] = seconds
-    metrics["train_s_per_epoch"] = statistics.fmean(timer.times) if timer.times else math.nan
+    # Median over epochs: robust to the odd epoch slowed down by something else on the machine.
+    metrics["train_s_per_epoch"] = statistics.median(timer.times) if timer.times else math.nan
     epochs_run = trainer.current_epoch
     metrics["epochs_run"] = float(epochs_run)
     history = [h.tolist() for h in module.val_history]
@@ -405,7 +408,8 @@ def run_ablation(
     ablation_id = f"ablation-{cfg.dataset}-{started:%Y%m%d-%H%M%S}"
     cfg.out.mkdir(parents=True, exist_ok=True)
     names = [n for n in cfg.techniques if registry.applies_to(n, data.info.kind)]
-    jobs = [(n, seed) for n in names for seed in range(cfg.seeds)]
+    # Seed-major order: slow drifts of the machine's speed spread over all techniques.
+    jobs = [(n, seed) for seed in range(cfg.seeds) for n in names]
     result = AblationResult(cfg, ablation_id, [], started)
     noise_draws = 1 if cfg.fast else 3
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]

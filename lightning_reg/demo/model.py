@@ -103,7 +103,7 @@ def build_model(
         ValueError: for another kind.
     """
     if kind == "image":
-        return ResidualCNN(input_shape[0], num_classes, width=width or 8)
+        return ResidualCNN(input_shape[0], num_classes, width=width or 16)
     if kind == "tabular":
         return ResidualMLP(input_shape[0], num_classes, width=width or 64)
     raise ValueError(f"`kind` must be one of 'image', 'tabular'; got {kind!r}")
@@ -123,6 +123,7 @@ class DemoClassifier(pl.LightningModule):
         width: network width (``None``: the default of each network).
         lr: learning rate.
         optimizer: ``"adam"`` or ``"sgd"`` (SGD with Nesterov momentum 0.9).
+        cosine: anneal the learning rate to 0 over ``Trainer(max_epochs)`` (cosine, per epoch).
 
     Raises:
         ValueError: for an unknown ``kind`` or ``optimizer``, or a non-positive ``lr``.
@@ -143,6 +144,7 @@ class DemoClassifier(pl.LightningModule):
         width: int | None = None,
         lr: float = 3e-3,
         optimizer: str = "adam",
+        cosine: bool = True,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -150,6 +152,7 @@ class DemoClassifier(pl.LightningModule):
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"`optimizer` must be one of 'adam', 'sgd'; got {optimizer!r}")
         self.optimizer_name = optimizer
+        self.cosine = cosine
         self.model = build_model(kind, tuple(input_shape), num_classes, width=width)
         self.lr = lr
         self.num_classes = num_classes
@@ -201,10 +204,18 @@ class DemoClassifier(pl.LightningModule):
         self._val_sums = []
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True)
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                self.parameters(), lr=self.lr, momentum=0.9, nesterov=True
+            )
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        epochs = getattr(self.trainer, "max_epochs", None) if self._trainer else None
+        if not self.cosine or not epochs or epochs < 1:
+            return opt
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
 
 _JACOBIAN_CLASSIFIER: type[DemoClassifier] | None = None

@@ -59,6 +59,10 @@ def _rows(result: AblationResult) -> list[tuple[str, dict[str, tuple[float, floa
     return rows
 
 
+def _optimizer(name: str) -> str:
+    return "SGD (Nesterov momentum 0.9)" if name == "sgd" else "Adam"
+
+
 def machine_description() -> str:
     """A one-line description of the machine (CPU model and cores, torch, accelerator)."""
     import torch
@@ -158,8 +162,8 @@ def write_markdown(result: AblationResult, path: Path) -> Path:
         f"{(result.finished or result.started) - result.started})",
         f"- machine: {machine_description()}",
         f"- set-up: train size {n_train}, {cfg.seeds} seeds, {cfg.epochs} epochs, batch "
-        f"{cfg.batch_size}, Adam lr {cfg.lr:g}, validation every {cfg.val_every} epochs"
-        + (", --fast" if cfg.fast else ""),
+        f"{cfg.batch_size}, {_optimizer(cfg.optimizer)} lr {cfg.lr:g}, validation every "
+        f"{cfg.val_every} epochs" + (", --fast" if cfg.fast else ""),
         f"- noisy acc: validation inputs + Gaussian noise, σ = {cfg.noise_scale:g} × feature std",
         "- gap = train accuracy − validation accuracy (eval mode, clean inputs), in points;"
         " Δ acc = validation accuracy − baseline's",

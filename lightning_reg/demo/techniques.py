@@ -90,7 +90,7 @@ class Technique:
 # --------------------------------------------------------------------------- factories
 #: Strengths of the penalty runs (SGD lr 0.05: the proximal threshold per step is lr·λ).
 L2_STRENGTH = 5e-3
-L1_STRENGTH = 0.06
+L1_STRENGTH = 0.05
 
 
 def _baseline(ctx: TechniqueContext) -> Recipe:
@@ -356,7 +356,7 @@ TECHNIQUES: dict[str, Technique] = {
 }
 
 #: The combined recipe: a common modern stack of techniques that compose.
-COMBINED: tuple[str, ...] = ("l2", "augmentation", "label_smoothing", "stochastic_depth")
+COMBINED: tuple[str, ...] = ("l2", "dropout", "augmentation", "label_smoothing")
 COMBINED_NAME = "combined"
 
 
