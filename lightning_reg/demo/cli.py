@@ -15,6 +15,7 @@ and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -137,6 +138,11 @@ def _technique_list(parser: argparse.ArgumentParser, raw: Sequence[str] | None, 
     return list(dict.fromkeys(names))
 
 
+def _launched_worker() -> bool:
+    """Whether this process is a non-zero rank started by Lightning's DDP launcher."""
+    return any(os.environ.get(k, "0") != "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
 def _print_list() -> int:
     from rich.console import Console
     from rich.table import Table
@@ -188,6 +194,7 @@ def run(
             ab_parser.error("--logger wandb needs `pip install wandb` (or use --logger csv)")
 
     import torch
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -236,6 +243,7 @@ def run(
             TextColumn("left"),
             TimeRemainingColumn(),
             console=err_console,
+            disable=_launched_worker(),
         ) as bar:
             task = bar.add_task("starting", total=None)
 
@@ -245,6 +253,10 @@ def run(
             result = run_ablation(cfg, progress=progress, wandb_hook=wandb_hook)
     finally:
         torch.set_num_threads(threads)
+    if rank_zero_only.rank != 0:
+        # With --devices > 1 every rank runs the whole loop (each fit is collective); only rank
+        # zero reports.
+        return 0, result
     files = write_all(result)
     out_console.print(rich_table(result))
     if cfg.logger == "wandb":
