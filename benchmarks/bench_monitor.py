@@ -16,8 +16,11 @@ Everything runs on one CPU thread (the model is tiny). Run:
 from __future__ import annotations
 
 import logging
+import statistics
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +67,21 @@ def _fit_fn(steps: int, monitor_every: int | str | None, data: torch.Tensor, tar
     return fit
 
 
+def _rotated_ms(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median ms per function; the order rotates each repeat (the first of a round runs slower
+    here, which ``interleaved_ms``' fixed order would charge to one function)."""
+    names = list(fns)
+    for name in names:  # warm-up
+        fns[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
 def _fit_rows(quick: bool) -> list[Row]:
     steps = 100 if quick else 300
     g = torch.Generator().manual_seed(0)
@@ -73,14 +91,13 @@ def _fit_rows(quick: bool) -> list[Row]:
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ms = interleaved_ms(
+        ms = _rotated_ms(
             {
                 "plain": _fit_fn(steps, "off", data, target),
                 "default": _fit_fn(steps, None, data, target),
                 "every": _fit_fn(steps, 1, data, target),
             },
-            repeats=3 if quick else 7,
-            warmup=1,
+            repeats=3 if quick else 9,
         )
     per_step = {k: v / steps for k, v in ms.items()}
     tag = "monitor/fit ResidualCNN 8x8 b64"
