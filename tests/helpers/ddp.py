@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import queue
 import socket
 import traceback
 from typing import Any
@@ -89,7 +90,14 @@ class DDPPool:
         out: dict[int, Any] = {}
         errors = []
         for _ in range(self.world_size):
-            rank, ok, value = self.results.get(timeout=timeout)
+            try:
+                # After one rank fails, the others are usually stuck in a collective.
+                rank, ok, value = self.results.get(timeout=30 if errors else timeout)
+            except queue.Empty:
+                self._restart()
+                waiting = sorted(set(range(self.world_size)) - set(out))
+                errors.append(f"ranks {waiting}: no answer (hung), pool restarted")
+                break
             if ok:
                 out[rank] = value
             else:
@@ -97,6 +105,11 @@ class DDPPool:
         if errors:
             raise RuntimeError("DDP scenario failed\n" + "\n".join(errors))
         return [out[r] for r in range(self.world_size)]
+
+    def _restart(self) -> None:
+        for p in self.procs:
+            p.kill()
+        self.__init__(self.world_size)
 
     def close(self) -> None:
         for q in self.task_queues:
