@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ab.add_argument("--dataset", choices=sorted(DATASETS), default="digits")
     ab.add_argument("--seeds", type=_positive_int, help="seeds per technique (default 3)")
-    ab.add_argument("--epochs", type=_positive_int, help="epochs per run (default 20)")
+    ab.add_argument(
+        "--epochs", type=_positive_int, help="epochs per run (default: digits 20, breast_cancer 60)"
+    )
     ab.add_argument(
         "--train-size",
         type=int,
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
             for d in DATASETS.values()
         ),
     )
-    ab.add_argument("--batch-size", type=_positive_int, default=64)
+    ab.add_argument("--batch-size", type=_positive_int, help="default: digits 64, breast_cancer 32")
     ab.add_argument("--val-every", type=_positive_int, help="validate every N epochs (default 2)")
     ab.add_argument(
         "--optimizer",
@@ -212,9 +214,9 @@ def run(
         techniques=techniques,
         dataset=args.dataset,
         seeds=args.seeds or (FAST_SEEDS if args.fast else 3),
-        epochs=args.epochs or (FAST_EPOCHS if args.fast else 20),
+        epochs=args.epochs or (FAST_EPOCHS if args.fast else info.default_epochs),
         train_size=args.train_size,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or info.default_batch_size,
         val_every=args.val_every or (1 if args.fast else 2),
         lr=args.lr,
         optimizer=args.optimizer,

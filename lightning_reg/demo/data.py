@@ -42,6 +42,8 @@ class DatasetInfo:
     kind: str  # "image" or "tabular"
     default_train_size: int
     description: str
+    default_epochs: int = 20
+    default_batch_size: int = 64
 
     @property
     def max_train_size(self) -> int:
@@ -62,6 +64,8 @@ DATASETS: dict[str, DatasetInfo] = {
         "tabular",
         100,
         "sklearn load_breast_cancer: 30 tabular features, 2 classes",
+        default_epochs=60,
+        default_batch_size=32,
     ),
 }
 

@@ -204,6 +204,9 @@ def write_curves(result: AblationResult, path: Path) -> Path:
         style = "-" if name in ("baseline", "combined") else "--"
         width = 2.4 if name in ("baseline", "combined") else 1.2
         ax.plot(epochs, mean, style, lw=width, color=cmap(i % 20), label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%), mean over seeds")
     ax.set_title("validation curves")
