@@ -1024,7 +1024,7 @@ class DataAugmentationCallback(Callback):
 
     def __init__(
         self,
-        transform: Callable[[torch.Tensor], torch.Tensor],
+        transform: BatchTransform | Callable[[torch.Tensor], torch.Tensor],
         *,
         p: float = 1.0,
         input_key: BatchKey = 0,

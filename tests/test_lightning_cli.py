@@ -37,7 +37,9 @@ def test_callbacks_load_from_yaml_and_fit(tmp_path):
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = LightningCLI(ClassifierModule, run=False, args=["--config", str(path)])
+    cli = LightningCLI(
+        ClassifierModule, run=False, save_config_callback=None, args=["--config", str(path)]
+    )
     found = {type(cb): cb for cb in cli.trainer.callbacks}
     for _, args, cls in ENTRIES:
         assert cls in found

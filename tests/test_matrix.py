@@ -8,12 +8,10 @@ replicas identical, and (resume) end exactly where the uninterrupted run ends.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from tests.distributed.scenarios_matrix import fit_all
@@ -82,17 +80,21 @@ class GlobalRNGState(Callback):
 def test_resume_from_mid_epoch_checkpoint_equals_uninterrupted_run(technique, tmp_path):
     batches = make_batches(6)
     extra = [GlobalRNGState()] if technique.name == "dropout_schedule" else []
-    common = dict(deterministic_model=True, max_epochs=1)
+    saver = ModelCheckpoint(tmp_path, every_n_train_steps=3, save_top_k=-1, save_last=False)
 
-    full, trainer, _ = build_run(technique, max_steps=6, callbacks=list(extra), **common)
+    full, trainer, _ = build_run(
+        technique,
+        max_steps=6,
+        deterministic_model=True,
+        enable_checkpointing=True,
+        callbacks=[*extra, saver],
+    )
     trainer.fit(full, ResumableLoader(batches), _val(technique))
+    (ckpt,) = [p for p in tmp_path.glob("*.ckpt") if "step=3" in p.name]
 
-    first, trainer, _ = build_run(technique, max_steps=3, callbacks=list(extra), **common)
-    trainer.fit(first, ResumableLoader(batches), _val(technique))
-    ckpt = tmp_path / "mid.ckpt"
-    trainer.save_checkpoint(ckpt)
-
-    resumed, trainer, _ = build_run(technique, max_steps=6, callbacks=list(extra), **common)
+    resumed, trainer, _ = build_run(
+        technique, max_steps=6, deterministic_model=True, callbacks=extra
+    )
     trainer.fit(resumed, ResumableLoader(batches), _val(technique), ckpt_path=ckpt)
     assert trainer.global_step == 6
     assert state_hash(resumed) == state_hash(full), f"{technique.name}: resume diverged"
@@ -110,13 +112,16 @@ def test_technique_loads_from_lightning_cli_yaml(technique, tmp_path):
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
             "limit_val_batches": 1,
+            "val_check_interval": 1 if technique.needs_val else None,
             "callbacks": list(technique.yaml),
         },
         "model": {"jacobian_weight": technique.jacobian_weight},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = LightningCLI(MatrixModule, run=False, args=["--config", str(path)])
+    cli = LightningCLI(
+        MatrixModule, run=False, save_config_callback=None, args=["--config", str(path)]
+    )
     own = [type(cb).__name__ for cb in cli.trainer.callbacks]
     for entry in technique.yaml:
         assert entry["class_path"].rsplit(".", 1)[1] in own
@@ -161,5 +166,4 @@ def test_matrix_covers_every_public_callback():
         "WeightPenaltyCallback",
         "WeightConstraintCallback",
     }
-    assert not math.isnan(len(public))
     assert public <= covered | {"BatchNormFreezeCallback", "MixUpCutMixCallback"}, public - covered

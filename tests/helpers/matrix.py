@@ -114,27 +114,41 @@ class MatrixModule(JacobianPenaltyMixin, pl.LightningModule):
 
 class ResumableLoader:
     """A deterministic list of batches that remembers where it is (Lightning's stateful
-    dataloader protocol), so a mid-epoch checkpoint resumes at the next batch."""
+    dataloader protocol), so a mid-epoch checkpoint resumes at the next batch.
+
+    Only the first live iterator counts the position: a nested pass over the same loader
+    (``PreciseBatchNormCallback`` reads the training loader) starts from the beginning and
+    leaves the position alone.
+    """
 
     def __init__(self, batches: list[list[torch.Tensor]]) -> None:
         self.batches = batches
         self.position = 0
+        self._resume_at = 0
+        self._counting = False
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        start, self.position = self.position, 0
+        start, self._resume_at = self._resume_at, 0
+        counting = not self._counting
+        if counting:
+            self._counting = True
+            self.position = start
         for i in range(start, len(self.batches)):
-            self.position = i + 1
+            if counting:
+                self.position = i + 1
             yield [t.clone() for t in self.batches[i]]
-        self.position = 0
+        if counting:
+            self._counting = False
+            self.position = 0
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position = int(state["position"])
+        self._resume_at = int(state["position"])
 
 
 def make_batches(n_batches: int = 6, batch_size: int = 8, seed: int = 0) -> list[list[Any]]:
