@@ -161,6 +161,7 @@ def test_list_prints_class_formula_paper(capsys):
         (["ablate", "--dataset", "breast_cancer", "--train-size", "500"], "[20, 469]"),
         (["ablate", "--seeds", "0"], "--seeds: must be in [1, inf], got 0"),
         (["ablate", "--epochs", "two"], "--epochs: must be an integer"),
+        (["ablate", "--lr", "-1"], "--lr: must be in (0, inf), got -1"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )

@@ -44,6 +44,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be in (0, inf), got {text}")
+    return value
+
+
 def _devices(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
@@ -97,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="sgd",
         help="sgd: Nesterov momentum 0.9 (default); adam",
     )
-    ab.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    ab.add_argument("--lr", type=_positive_float, default=0.05, help="learning rate (default 0.05)")
     ab.add_argument("--accelerator", default="auto", help="passed to the Trainer")
     ab.add_argument("--devices", type=_devices, default=1, help="passed to the Trainer")
     ab.add_argument("--precision", default=None, help="passed to the Trainer, e.g. bf16-mixed")
