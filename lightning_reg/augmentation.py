@@ -217,7 +217,9 @@ class Compose(BatchTransform):
         torch.Size([4, 3, 32, 32])
     """
 
-    def __init__(self, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    def __init__(
+        self, transforms: Sequence[BatchTransform | Callable[[torch.Tensor], torch.Tensor]]
+    ) -> None:
         super().__init__()
         for i, t in enumerate(transforms):
             if not callable(t):

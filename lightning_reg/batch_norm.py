@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lightning_reg.core.logging import is_logging_step, log_scalars
+from lightning_reg.core.strategies import ALL_SHARDED, refuse_strategies
 from lightning_reg.core.surgery import (
     ModuleChange,
     format_changes,
@@ -909,6 +910,9 @@ class GhostBatchNormCallback(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_strategies(
+            trainer, "GhostBatchNormCallback", ALL_SHARDED, "it is verified under DDP only"
+        )
         ghosts = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, GhostBatchNorm)]
         if ghosts:
             sizes = {m.virtual_batch_size for _, m in ghosts}
@@ -1038,6 +1042,12 @@ class PreciseBatchNormCallback(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_strategies(
+            trainer,
+            "PreciseBatchNormCallback",
+            ALL_SHARDED,
+            "its cross-rank statistics are verified under DDP only",
+        )
         if not any(m.track_running_stats for _, m in batch_norm_layers(pl_module)):
             raise RuntimeError(
                 "PreciseBatchNormCallback found no BatchNorm layer with running statistics in "

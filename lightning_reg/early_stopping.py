@@ -33,6 +33,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_reg.core.logging import log_scalars
+from lightning_reg.core.strategies import ALL_SHARDED, refuse_strategies
 from lightning_reg.core.validation import (
     check_choice,
     check_int,
@@ -324,6 +325,18 @@ class EarlyStoppingCallback(EarlyStopping):
         self._log_in_hook = False
 
     # ------------------------------------------------------------------ state
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.restore_best_weights:
+            refuse_strategies(
+                trainer,
+                "EarlyStoppingCallback(restore_best_weights=True)",
+                ALL_SHARDED,
+                "keeping the best weights needs the full, unsharded state dict on every rank "
+                "(restore_best_weights=False works with any strategy)",
+            )
+
     @property
     def best_weights(self) -> dict[str, Any] | None:
         """The CPU copy of the best epoch's state dict (``None`` before the first improvement)."""

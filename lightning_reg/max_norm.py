@@ -25,6 +25,7 @@ from typing_extensions import override
 from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.params import ParamSelection
+from lightning_reg.core.strategies import FLAT_SHARDED, refuse_strategies
 from lightning_reg.core.validation import check_choice, check_positive
 
 __all__ = [
@@ -250,6 +251,20 @@ class WeightConstraintCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_strategies(
+            trainer,
+            type(self).__name__,
+            FLAT_SHARDED,
+            "it needs each parameter with its own shape, and this strategy flattens or "
+            "partitions them (ModelParallelStrategy/FSDP2 is supported with dim='unit')",
+        )
+        if self.dim != "unit" and self.constraint != "non_neg":
+            refuse_strategies(
+                trainer,
+                f"{type(self).__name__}(dim={self.dim!r})",
+                ("ModelParallelStrategy",),
+                "norms over dims other than the dim-0 units span shards (use dim='unit')",
+            )
         self._params = self.selection.parameters(pl_module)
         selected = {id(p): p for p in self._params}
         self._owned = {}

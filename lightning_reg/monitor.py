@@ -53,6 +53,7 @@ from typing_extensions import override
 
 from lightning_reg.core.logging import is_logging_step
 from lightning_reg.core.params import ParamSelection
+from lightning_reg.core.strategies import ALL_SHARDED, refuse_strategies
 from lightning_reg.core.validation import check_int
 
 __all__ = ["RegularizationMonitorCallback", "layer_key"]
@@ -165,6 +166,13 @@ class RegularizationMonitorCallback(Callback):
     # ------------------------------------------------------------------ set-up
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_strategies(
+            trainer,
+            "RegularizationMonitorCallback",
+            ALL_SHARDED,
+            "the norms and sparsity of local shards are not the layers' (they would need an "
+            "all-reduce)",
+        )
         # Resolved here, after every callback's `setup` (model surgery) has run.
         selected = self.selection.select(pl_module, allow_empty=True)
         self._names = [layer_key(s.name) for s in selected]

@@ -31,6 +31,7 @@ from typing_extensions import override
 from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.params import ParamSelection, group_by_optimizer_group
+from lightning_reg.core.strategies import FLAT_SHARDED, refuse_strategies
 from lightning_reg.core.validation import check_non_negative
 
 __all__ = [
@@ -222,6 +223,13 @@ class WeightPenaltyCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_strategies(
+            trainer,
+            type(self).__name__,
+            FLAT_SHARDED,
+            "it needs each parameter with its own shape, and this strategy flattens or "
+            "partitions them (ModelParallelStrategy/FSDP2 is supported)",
+        )
         self._params = self.selection.parameters(pl_module)
         self._by_optimizer = {}
         owned = {

@@ -37,6 +37,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_reg.core.logging import is_logging_step, log_scalars
+from lightning_reg.core.strategies import ALL_SHARDED, refuse_strategies
 from lightning_reg.core.surgery import (
     ModuleChange,
     SurgeryWrapper,
@@ -738,6 +739,12 @@ class StochasticDepthCallback(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_strategies(
+            trainer,
+            "StochasticDepthCallback",
+            ALL_SHARDED,
+            "skipping a dropped block's compute is verified with DDP's gradient reducer only",
+        )
         present = [m for m in pl_module.modules() if isinstance(m, StochasticDepthWrapper)]
         ours = {id(w) for w in self._wrappers}
         if not (present and all(id(m) in ours for m in present)):
