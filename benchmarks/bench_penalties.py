@@ -109,7 +109,7 @@ def run(quick: bool = False) -> list[Row]:
     rows.append(
         Row(
             f"max-norm projection ({len(weights)} weights)",
-            "stacked/foreach",
+            "batched norms + foreach",
             "per-parameter loop",
             proj["ours"],
             proj["loop"],
