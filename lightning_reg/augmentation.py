@@ -177,6 +177,12 @@ class BatchTransform(nn.Module):
 
     Subclasses implement :meth:`sample_params` (draws only, from ``generator`` on ``device``)
     and :meth:`apply` (deterministic given the parameters). ``forward(x, generator)`` does both.
+
+    Example:
+        >>> noise = GaussianNoise(0.1)  # a BatchTransform
+        >>> x = torch.zeros(4, 3)
+        >>> noise(x, generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([4, 3])
     """
 
     def output_shape(self, shape: Shape) -> Shape:

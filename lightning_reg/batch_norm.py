@@ -421,19 +421,37 @@ def _share_state(src: _BatchNorm, dst: _BatchNorm) -> None:
 
 
 class GhostBatchNorm1d(GhostBatchNorm, nn.BatchNorm1d):
-    """:class:`GhostBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input; an ``nn.BatchNorm1d``."""
+    """:class:`GhostBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input; an ``nn.BatchNorm1d``.
+
+    Example:
+        >>> bn = GhostBatchNorm1d(4, virtual_batch_size=2)
+        >>> bn(torch.randn(8, 4)).shape
+        torch.Size([8, 4])
+    """
 
     _check_input_dim = nn.BatchNorm1d._check_input_dim
 
 
 class GhostBatchNorm2d(GhostBatchNorm, nn.BatchNorm2d):
-    """:class:`GhostBatchNorm` for ``(N, C, H, W)`` input; an ``nn.BatchNorm2d``."""
+    """:class:`GhostBatchNorm` for ``(N, C, H, W)`` input; an ``nn.BatchNorm2d``.
+
+    Example:
+        >>> bn = GhostBatchNorm2d(4, virtual_batch_size=2)
+        >>> bn(torch.randn(8, 4, 5, 5)).shape
+        torch.Size([8, 4, 5, 5])
+    """
 
     _check_input_dim = nn.BatchNorm2d._check_input_dim
 
 
 class GhostBatchNorm3d(GhostBatchNorm, nn.BatchNorm3d):
-    """:class:`GhostBatchNorm` for ``(N, C, D, H, W)`` input; an ``nn.BatchNorm3d``."""
+    """:class:`GhostBatchNorm` for ``(N, C, D, H, W)`` input; an ``nn.BatchNorm3d``.
+
+    Example:
+        >>> bn = GhostBatchNorm3d(4, virtual_batch_size=2)
+        >>> bn(torch.randn(8, 4, 2, 3, 3)).shape
+        torch.Size([8, 4, 2, 3, 3])
+    """
 
     _check_input_dim = nn.BatchNorm3d._check_input_dim
 

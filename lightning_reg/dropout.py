@@ -453,6 +453,12 @@ class MCDropoutResult:
             classifiers only, else ``None``.
         mutual_info: ``H[mean] − mean_s H[p_s]`` (BALD epistemic part); classifiers only.
         samples: all samples ``(n_samples, B, ...)`` if ``return_samples=True``, else ``None``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+        >>> result = mc_dropout_predict(net, torch.randn(2, 4), n_samples=5, classifier=True)
+        >>> result.mean.shape, result.entropy.shape
+        (torch.Size([2, 3]), torch.Size([2]))
     """
 
     mean: torch.Tensor

@@ -34,6 +34,10 @@ class Schedule:
 
     Raises:
         ValueError: for an unknown unit.
+
+    Example:
+        >>> LinearSchedule(0.0, 0.4, duration=4, unit="step").value(epoch=0, step=2)
+        0.2
     """
 
     def __init__(self, unit: str = "epoch") -> None:
@@ -151,6 +155,10 @@ class CallableSchedule(Schedule):
 
     Raises:
         TypeError: if ``fn`` is not callable.
+
+    Example:
+        >>> CallableSchedule(lambda epoch: 0.1 * 0.5**epoch).at(2)
+        0.025
     """
 
     def __init__(self, fn: Callable[[int], float], unit: str = "epoch") -> None:
