@@ -59,14 +59,15 @@ def _tensors(params: Params) -> list[torch.Tensor]:
 
 
 def _norm_sum(tensors: Sequence[torch.Tensor], ord: float) -> torch.Tensor:
-    """Σ over tensors of ‖t‖_ord^ord, as one fp32 scalar, from one foreach kernel per dtype."""
+    """Σ over tensors of ‖t‖_ord^ord (‖t‖_0: non-zero count), as one fp32 scalar, from one
+    foreach kernel per dtype."""
     if not tensors:
         return torch.zeros(())
     total = torch.zeros((), device=tensors[0].device, dtype=torch.float32)
     for dtype in {t.dtype for t in tensors}:
         group = [t for t in tensors if t.dtype == dtype]
         norms = torch.stack(torch._foreach_norm(group, ord)).float()
-        total = total + (norms.sum() if ord == 1 else norms.pow(2).sum())
+        total = total + (norms.pow(2).sum() if ord == 2 else norms.sum())
     return total
 
 
@@ -274,9 +275,9 @@ class WeightPenaltyCallback(Callback):
                 f"reg/{self.name}/penalty": elastic_net_penalty(tensors, self.l1, self.l2)
             }
             if self.l1:
-                zeros = sum(int(t.numel()) for t in tensors)
-                count = torch.stack([(t == 0).sum() for t in tensors]).sum()
-                values[f"reg/{self.name}/zero_fraction"] = count.float() / zeros
+                numel = sum(t.numel() for t in tensors)
+                nonzero = _norm_sum(tensors, 0)  # ‖t‖_0 counts the non-zero entries
+                values[f"reg/{self.name}/zero_fraction"] = 1.0 - nonzero / numel
         log_scalars(pl_module, values)
 
     @override
