@@ -69,14 +69,6 @@ _LOG_PREFIX = "reg/stochastic_depth"
 # --------------------------------------------------------------------------------------------
 
 
-def _check_survival_prob(name: str, value: Any) -> float:
-    """``check_probability`` in ``(0, 1]``, with the range in the message for NaN/inf too."""
-    try:
-        return check_probability(name, value, allow_zero=False)
-    except ValueError:
-        raise ValueError(f"`{name}` must be in (0, 1], got {value!r}") from None
-
-
 def survival_probabilities(
     num_blocks: int, survival_prob_last: float, schedule: str = "linear"
 ) -> list[float]:
@@ -94,7 +86,7 @@ def survival_probabilities(
         [0.875, 0.75, 0.625, 0.5]
     """
     num_blocks = check_int("num_blocks", num_blocks, minimum=1)
-    p_last = _check_survival_prob("survival_prob_last", survival_prob_last)
+    p_last = check_probability("survival_prob_last", survival_prob_last, allow_zero=False)
     check_choice("schedule", schedule, _SCHEDULES)
     if schedule == "uniform":
         return [p_last] * num_blocks
@@ -391,7 +383,7 @@ class StochasticDepthWrapper(SurgeryWrapper):
         if not isinstance(block, nn.Module):
             raise TypeError(f"`block` must be an nn.Module, got {type(block).__name__}")
         self.block = block
-        self.survival_prob = _check_survival_prob("survival_prob", survival_prob)
+        self.survival_prob = check_probability("survival_prob", survival_prob, allow_zero=False)
         self.mode: str = check_choice("mode", mode, _MODES)
         auto_dim = _transformer_batch_dim(block)
         if batch_dim is None:
@@ -583,7 +575,7 @@ def apply_stochastic_depth(
         >>> [c.new_type for c in apply_stochastic_depth(model, 0.5)]
         ['StochasticDepthWrapper', 'StochasticDepthWrapper']
     """
-    p_last = _check_survival_prob("survival_prob_last", survival_prob_last)
+    p_last = check_probability("survival_prob_last", survival_prob_last, allow_zero=False)
     check_choice("schedule", schedule, _SCHEDULES)
     check_choice("mode", mode, _MODES)
     types = _resolve_block_types(block_types)
@@ -721,7 +713,9 @@ class StochasticDepthCallback(pl.Callback):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.survival_prob_last = _check_survival_prob("survival_prob_last", survival_prob_last)
+        self.survival_prob_last = check_probability(
+            "survival_prob_last", survival_prob_last, allow_zero=False
+        )
         self.schedule: str = check_choice("schedule", schedule, _SCHEDULES)
         self.mode: str = check_choice("mode", mode, _MODES)
         self.block_types = _resolve_block_types(block_types)
