@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.params import ParamSelection
+from lightning_reg.core.params import ParamSelection, groups_by_optimizer
 from lightning_reg.core.strategies import FLAT_SHARDED, refuse_strategies
 from lightning_reg.core.validation import check_choice, check_positive
 
@@ -266,18 +266,10 @@ class WeightConstraintCallback(Callback):
                 "norms over dims other than the dim-0 units span shards (use dim='unit')",
             )
         self._params = self.selection.parameters(pl_module)
-        selected = {id(p): p for p in self._params}
-        self._owned = {}
-        for opt in real_optimizers(trainer.optimizers):
-            owned = [
-                selected[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in selected
-            ]
-            self._owned[id(opt)] = owned
-        if not any(self._owned.values()):
-            raise RuntimeError(
-                f"{type(self).__name__}: none of the selected parameters is in an optimizer; "
-                "the constraint would never be applied. Check configure_optimizers."
-            )
+        grouped = groups_by_optimizer(
+            self._params, real_optimizers(trainer.optimizers), type(self).__name__
+        )
+        self._owned = {key: [p for _, ps in groups for p in ps] for key, groups in grouped.items()}
         self._hooks.attach(trainer.optimizers)
 
     @override

@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.params import ParamSelection, group_by_optimizer_group
+from lightning_reg.core.params import ParamSelection, groups_by_optimizer
 from lightning_reg.core.strategies import FLAT_SHARDED, refuse_strategies
 from lightning_reg.core.validation import check_non_negative
 
@@ -206,10 +206,7 @@ class WeightPenaltyCallback(Callback):
     # -- what happens at each real step ---------------------------------------------------
 
     def _groups(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict, list[torch.Tensor]]]:
-        key = id(optimizer)
-        if key not in self._by_optimizer:
-            self._by_optimizer[key] = group_by_optimizer_group(self._params, optimizer)
-        return self._by_optimizer[key]
+        return self._by_optimizer.get(id(optimizer), [])
 
     def _decay_before_step(self, optimizer: torch.optim.Optimizer) -> None:
         for group, tensors in self._groups(optimizer):
@@ -232,18 +229,9 @@ class WeightPenaltyCallback(Callback):
             "partitions them (ModelParallelStrategy/FSDP2 is supported)",
         )
         self._params = self.selection.parameters(pl_module)
-        self._by_optimizer = {}
-        owned = {
-            id(p)
-            for opt in real_optimizers(trainer.optimizers)
-            for g in opt.param_groups
-            for p in g["params"]
-        }
-        if not any(id(p) in owned for p in self._params):
-            raise RuntimeError(
-                f"{type(self).__name__}: none of the {len(self._params)} selected parameters is "
-                "in an optimizer, so the penalty would do nothing. Check configure_optimizers."
-            )
+        self._by_optimizer = groups_by_optimizer(
+            self._params, real_optimizers(trainer.optimizers), type(self).__name__
+        )
         self._hooks.attach(trainer.optimizers)
 
     @override

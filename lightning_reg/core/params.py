@@ -171,6 +171,23 @@ def group_by_optimizer_group(
     return groups
 
 
+def groups_by_optimizer(
+    params: Sequence[torch.Tensor], optimizers: Iterable[torch.optim.Optimizer], who: str
+) -> dict[int, list[tuple[dict, list[torch.Tensor]]]]:
+    """:func:`group_by_optimizer_group` for every optimizer, keyed by ``id(optimizer)``.
+
+    Raises:
+        RuntimeError: if no optimizer holds any of ``params`` (``who`` would do nothing).
+    """
+    grouped = {id(opt): group_by_optimizer_group(params, opt) for opt in optimizers}
+    if not any(grouped.values()):
+        raise RuntimeError(
+            f"{who}: none of the {len(params)} selected parameters is in an optimizer, so it "
+            "would do nothing. Check configure_optimizers, or the `params` selection."
+        )
+    return grouped
+
+
 def split_by_device_dtype(
     tensors: Sequence[torch.Tensor],
 ) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
