@@ -45,12 +45,12 @@ from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.strategies import ALL_SHARDED, refuse_strategies
 from lightning_reg.core.surgery import (
     ModuleChange,
+    TransparentWrapper,
     format_changes,
     replace_modules,
     restore_modules,
 )
 from lightning_reg.core.validation import check_choice, check_int
-from lightning_reg.dropout import _TransparentWrapper
 
 __all__ = [
     "BatchNormAfter",
@@ -530,7 +530,7 @@ _BN_FOR: dict[type[nn.Module], type[_BatchNorm]] = {
 }
 
 
-class BatchNormAfter(_TransparentWrapper):
+class BatchNormAfter(TransparentWrapper):
     """``module`` followed by a new BatchNorm over its output channels.
 
     For ``nn.Linear`` the BatchNorm1d normalises the last dim (extra leading dims are flattened

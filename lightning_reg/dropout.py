@@ -41,7 +41,7 @@ from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.schedules import ConstantSchedule, Schedule, as_schedule
 from lightning_reg.core.surgery import (
     ModuleChange,
-    SurgeryWrapper,
+    TransparentWrapper,
     format_changes,
     replace_modules,
     restore_modules,
@@ -107,60 +107,10 @@ def _check_p(name: str, p: Any) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-class _TransparentWrapper(SurgeryWrapper):
-    """A surgery wrapper whose ``state_dict`` keys are those of the module it wraps.
-
-    The wrapped module is the child ``module``; without care its keys would move from
-    ``path.weight`` to ``path.module.weight``. A state-dict hook strips the ``module.`` level
-    and a load pre-hook accepts both spellings, so checkpoints load both ways: a checkpoint of
-    the original model loads into the wrapped one and vice versa. Keys of the wrapper's own
-    extra children (for example an inserted BatchNorm) keep their ``path.<child>.`` prefix.
-    ``named_parameters()`` still shows the real module tree (``path.module.weight``).
-
-    (This helper would belong in ``core/surgery.py``; it lives here until the core adopts it.)
-    """
-
-    module: nn.Module
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-        self.register_state_dict_post_hook(_strip_module_level)
-        self.register_load_state_dict_pre_hook(_add_module_level)
-
-    def unwrap(self) -> nn.Module:
-        return self.module
-
-
-def _strip_module_level(
-    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    inner = prefix + "module."
-    for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        for key in [k for k in metadata if k == inner[:-1] or k.startswith(inner)]:
-            new = prefix[:-1] if key == inner[:-1] else prefix + key[len(inner) :]
-            value = metadata.pop(key)
-            if new != prefix[:-1]:
-                metadata[new] = value
-
-
-def _add_module_level(
-    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    own = set(wrapper._modules) | set(wrapper._parameters) | set(wrapper._buffers)
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        head = key[len(prefix) :].split(".", 1)[0]
-        if head not in own:
-            state_dict[prefix + "module." + key[len(prefix) :]] = state_dict.pop(key)
-
-
-class DropoutAfter(_TransparentWrapper):
+class DropoutAfter(TransparentWrapper):
     """``module`` followed by dropout: ``dropout(module(x))``.
 
-    ``state_dict`` keys are those of ``module`` (see :class:`_TransparentWrapper`); the dropout
+    ``state_dict`` keys are those of ``module`` (see :class:`TransparentWrapper`); the dropout
     has no state. :meth:`unwrap` returns ``module``.
 
     Args:
@@ -187,7 +137,7 @@ class DropoutAfter(_TransparentWrapper):
         return self.dropout(self.module(*args, **kwargs))
 
 
-class DropoutBefore(_TransparentWrapper):
+class DropoutBefore(TransparentWrapper):
     """Dropout on the input of ``module``: ``module(dropout(x))``.
 
     ``state_dict`` keys are those of ``module``. :meth:`unwrap` returns ``module``.

@@ -42,6 +42,7 @@ from lightning_reg.core.surgery import (
     ModuleChange,
     SurgeryWrapper,
     format_changes,
+    hide_wrapper_level,
     replace_modules,
     restore_modules,
 )
@@ -308,27 +309,6 @@ def _transformer_row_args(batch_dim: int) -> Callable[[tuple, dict, torch.Tensor
     return select
 
 
-def _strip_block_level(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    inner = prefix + "block."
-    for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        base = prefix + "block"
-        for key in [k for k in metadata if k == base or k.startswith(base + ".")]:
-            new = prefix[:-1] if key == base else prefix + key[len(base) + 1 :]
-            metadata[new] = metadata.pop(key)
-
-
-def _add_block_level(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[prefix + "block." + key[len(prefix) :]] = state_dict.pop(key)
-
-
 class StochasticDepthWrapper(SurgeryWrapper):
     """Wrap a shape-preserving residual block so that training drops it at random.
 
@@ -398,8 +378,7 @@ class StochasticDepthWrapper(SurgeryWrapper):
         self.train(block.training)  # a new module starts in training mode; follow the block
         # The state dict keeps the unwrapped model's keys (no ``block.`` level), so checkpoints
         # load both ways: into the wrapped and into the plain model.
-        self.register_state_dict_post_hook(_strip_block_level)
-        self.register_load_state_dict_pre_hook(_add_block_level)
+        hide_wrapper_level(self, "block")
         # Decisions drawn and dropped since the last reset (block-level or row-level).
         self.drawn = 0
         self.dropped = 0

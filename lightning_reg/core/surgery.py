@@ -11,15 +11,19 @@ give the original back; :func:`restore_modules` undoes any surgery built on it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 __all__ = [
     "ModuleChange",
     "SurgeryWrapper",
+    "TransparentWrapper",
     "format_changes",
+    "hide_wrapper_level",
     "replace_modules",
     "restore_modules",
 ]
@@ -42,6 +46,64 @@ class SurgeryWrapper(nn.Module):
     def unwrap(self) -> nn.Module:  # pragma: no cover - abstract
         """Return the module this one replaced, in an equivalent state."""
         raise NotImplementedError
+
+
+def _strip_level(
+    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any, *, child: str
+) -> None:
+    inner = f"{prefix}{child}."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        base = inner[:-1]
+        for key in [k for k in metadata if k == base or k.startswith(inner)]:
+            new = prefix[:-1] if key == base else prefix + key[len(inner) :]
+            metadata[new] = metadata.pop(key)
+
+
+def _add_level(
+    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, child: str
+) -> None:
+    own = set(wrapper._modules) | set(wrapper._parameters) | set(wrapper._buffers)
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        head = key[len(prefix) :].split(".", 1)[0]
+        if head not in own:
+            state_dict[f"{prefix}{child}.{key[len(prefix) :]}"] = state_dict.pop(key)
+
+
+def hide_wrapper_level(wrapper: nn.Module, child: str) -> None:
+    """Give ``wrapper``'s ``state_dict`` the keys of its wrapped child ``child``.
+
+    Without this, wrapping moves keys from ``path.weight`` to ``path.<child>.weight``. A
+    state-dict hook strips the ``<child>.`` level and a load pre-hook accepts both spellings,
+    so checkpoints load both ways (original model into wrapped, and back). Keys of the
+    wrapper's other children keep their ``path.<name>.`` prefix. ``named_parameters()`` still
+    shows the real module tree.
+    """
+    wrapper.register_state_dict_post_hook(functools.partial(_strip_level, child=child))
+    wrapper.register_load_state_dict_pre_hook(functools.partial(_add_level, child=child))
+
+
+class TransparentWrapper(SurgeryWrapper):
+    """A wrapper around the child ``module`` whose ``state_dict`` keys are the child's own
+    (see :func:`hide_wrapper_level`); :meth:`unwrap` returns the child.
+
+    Example:
+        >>> wrapper = TransparentWrapper(nn.Linear(2, 2))
+        >>> sorted(wrapper.state_dict())
+        ['bias', 'weight']
+    """
+
+    module: nn.Module
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        hide_wrapper_level(self, "module")
+
+    def unwrap(self) -> nn.Module:
+        return self.module
 
 
 def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
