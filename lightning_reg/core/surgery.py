@@ -11,8 +11,9 @@ give the original back; :func:`restore_modules` undoes any surgery built on it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,30 @@ __all__ = [
     "hide_wrapper_level",
     "replace_modules",
     "restore_modules",
+    "training_flags_restored",
 ]
+
+@contextlib.contextmanager
+def training_flags_restored(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Context: change ``training`` flags freely inside; every module's flag is restored after.
+
+    Yields the list of ``model``'s modules. ``model.train()``/``.eval()`` flip whole subtrees; this
+    puts back each module's own flag, so a partly frozen model (a BatchNorm kept in eval) stays so.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
+        >>> with training_flags_restored(net):
+        ...     _ = net.train()
+        >>> net[1].training
+        False
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield [m for m, _ in flags]
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
 
 Policy = Mapping[type[nn.Module], Callable[[nn.Module, str], nn.Module | None]]
 

@@ -8,6 +8,7 @@ NaN and infinities explicitly: ``NaN < 0`` is ``False``, so a naive comparison l
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Collection
 from typing import Any
 
@@ -23,7 +24,7 @@ __all__ = [
 
 
 def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         try:
             import torch
 
@@ -99,8 +100,9 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
         TypeError: if ``value`` is not an ``int``.
         ValueError: if ``value`` is out of range.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)  # numpy integers become plain ints
     if minimum is not None and value < minimum:
         upper = f"{maximum}" if maximum is not None else "inf"
         raise ValueError(f"`{name}` must be in [{minimum}, {upper}], got {value!r}")
