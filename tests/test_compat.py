@@ -22,6 +22,18 @@ def test_foreach_aliases_are_the_torch_kernels() -> None:
     assert xs[0].tolist() == [0.0, -1.5]
 
 
+def test_private_base_classes_cover_the_public_layers() -> None:
+    from torch import nn
+
+    for layer in (nn.BatchNorm1d(2), nn.BatchNorm2d(2), nn.SyncBatchNorm(2), nn.LazyBatchNorm1d()):
+        assert isinstance(layer, compat.BatchNormBase)
+    assert isinstance(nn.InstanceNorm2d(2), compat.NormBase)
+    assert not isinstance(nn.InstanceNorm2d(2), compat.BatchNormBase)
+    assert not isinstance(nn.LayerNorm(2), compat.NormBase)
+    for layer in (nn.Dropout(), nn.Dropout2d(), nn.AlphaDropout(), nn.FeatureAlphaDropout()):
+        assert isinstance(layer, compat.DropoutBase)
+
+
 def test_grad_scaler_scale_is_a_tensor_after_first_scale() -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
     assert compat.grad_scaler_scale(scaler) is None

@@ -13,6 +13,9 @@ import lightning.pytorch as pl
 import torch
 
 __all__ = [
+    "BatchNormBase",
+    "DropoutBase",
+    "NormBase",
     "attached_trainer",
     "batches_that_stepped",
     "foreach_add_",
@@ -26,6 +29,12 @@ __all__ = [
     "grad_scaler_scale",
     "should_update_logs",
 ]
+
+# Base classes torch keeps private; isinstance checks against them cover every variant
+# (1d/2d/3d, lazy, sync; instance norm for NormBase; alpha/feature dropout for DropoutBase).
+BatchNormBase = torch.nn.modules.batchnorm._BatchNorm
+NormBase = torch.nn.modules.batchnorm._NormBase
+DropoutBase = torch.nn.modules.dropout._DropoutNd
 
 # Multi-tensor kernels: one launch for a list of tensors (torch has no public alias yet).
 foreach_add_ = torch._foreach_add_
