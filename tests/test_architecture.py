@@ -1,6 +1,6 @@
 """The house rules of DESIGN.md, checked by parsing the package's source.
 
-- Technique modules are leaves: ``lightning_reg/<technique>.py`` imports only ``lightning_reg.core``.
+- Technique modules are leaves: `lightning_reg/<technique>.py` imports only `lightning_reg.core`.
 - Private Lightning/torch names are touched only in ``lightning_reg/core/compat.py``.
 """
 
