@@ -19,18 +19,7 @@ from lightning_reg.augmentation import (
     TimeMasking,
     TokenMasking,
 )
-from lightning_reg.batch_norm import (
-    BatchNormFreezeCallback,
-    GhostBatchNorm,
-    GhostBatchNorm1d,
-    GhostBatchNorm2d,
-    GhostBatchNorm3d,
-    GhostBatchNormCallback,
-    PreciseBatchNormCallback,
-    add_batch_norm,
-    apply_ghost_batch_norm,
-    remove_ghost_batch_norm,
-)
+from lightning_reg.batch_norm_surgery import BatchNormFreezeCallback, add_batch_norm
 from lightning_reg.core import (
     CallableSchedule,
     ConstantSchedule,
@@ -55,6 +44,16 @@ from lightning_reg.dropout import (
 )
 from lightning_reg.early_stopping import (
     EarlyStoppingCallback,
+)
+from lightning_reg.ghost_batch_norm import (
+    GhostBatchNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    GhostBatchNormCallback,
+    GhostSyncBatchNorm,
+    apply_ghost_batch_norm,
+    remove_ghost_batch_norm,
 )
 from lightning_reg.jacobian import (
     InputGradientPenaltyMixin,
@@ -92,6 +91,7 @@ from lightning_reg.penalties import (
     l1_penalty,
     l2_penalty,
 )
+from lightning_reg.precise_batch_norm import PreciseBatchNormCallback
 from lightning_reg.stochastic_depth import (
     StochasticDepthCallback,
     StochasticDepthWrapper,
@@ -123,6 +123,7 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "GhostBatchNormCallback",
+    "GhostSyncBatchNorm",
     "InputGradientPenaltyMixin",
     "JacobianPenaltyMixin",
     "L1Callback",

@@ -22,9 +22,9 @@ Then the Lightning class, :class:`DataAugmentationCallback`, which rewrites the 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from lightning_reg.core.batch import BatchKey, BatchSlot
 from lightning_reg.core.logging import is_logging_step, log_scalars
+from lightning_reg.core.random import CallbackRNG, seeded_global_rng
 from lightning_reg.core.validation import (
     check_choice,
     check_int,
@@ -80,20 +81,31 @@ def _uniform(
     return _rand(shape, generator, device) * (high - low) + low
 
 
-def _pair(name: str, value: float | Sequence[float], *, symmetric_around: float | None = None):
-    """``value`` as an ordered ``(low, high)`` pair; a number ``v`` means ``(c - v, c + v)``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+def _range(
+    name: str,
+    value: float | Sequence[float],
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    centre: float | None = None,
+    low_inclusive: bool = True,
+) -> tuple[float, float]:
+    """``value`` as ``(a, b)`` with ``low <= a <= b <= high``.
+
+    A number ``v >= 0`` means ``(centre - v, centre + v)``, or ``(v, v)`` without a centre.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         v = check_non_negative(name, value)
-        if symmetric_around is None:
-            return (v, v)
-        return (symmetric_around - v, symmetric_around + v)
+        value = (v, v) if centre is None else (centre - v, centre + v)
     if not isinstance(value, Sequence) or len(value) != 2:
         raise ValueError(f"`{name}` must be a number or a (low, high) pair, got {value!r}")
-    low = check_range(f"{name}[0]", value[0])
-    high = check_range(f"{name}[1]", value[1])
-    if low > high:
+    a, b = (
+        check_range(f"{name}[{i}]", v, low, high, low_inclusive=low_inclusive)
+        for i, v in enumerate(value)
+    )
+    if a > b:
         raise ValueError(f"`{name}` must satisfy low <= high, got {tuple(value)!r}")
-    return (low, high)
+    return (a, b)
 
 
 def _image_shape(shape: Shape, name: str) -> tuple[int, int]:
@@ -117,6 +129,37 @@ def _per_sample(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (x.ndim - 1)))
 
 
+def _bchw(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(B, C, H, W)``, so that ``(B, H, W)`` and ``(B, ..., H, W)`` images work."""
+    return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+
+def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`_bchw` on ``out`` (whose ``H, W`` may differ from ``x``'s)."""
+    return out.reshape(*x.shape[:-2], *out.shape[-2:])
+
+
+def _box_candidates(
+    shape: tuple[int, int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+    device: Any,
+    *,
+    strict: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample, the first of 10 boxes (area ``~U(scale)·H·W``, ``log(w/h) ~U(log ratio)``)
+    that fits in ``(B, H, W)`` (strictly inside if ``strict``): ``(w, h, found)``."""
+    n, height, width = (shape[0], 10), shape[1], shape[2]
+    area = _uniform(n, scale[0], scale[1], generator, device) * (height * width)
+    aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, device))
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (w < width) & (h < height) if strict else (w <= width) & (h <= height)
+    valid = fits & (w > 0) & (h > 0)
+    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
+    return w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1), valid.any(dim=1)
+
+
 def sample_crop_boxes(
     batch_size: int,
     height: int,
@@ -126,29 +169,17 @@ def sample_crop_boxes(
     *,
     generator: torch.Generator | None = None,
     device: Any = "cpu",
-    attempts: int = 10,
 ) -> torch.Tensor:
     """Per-sample random-resized-crop boxes, torchvision's algorithm, vectorised.
 
-    For each sample, ``attempts`` candidates with area fraction ``~U(scale)`` and log aspect ratio
+    For each sample, 10 candidates with area fraction ``~U(scale)`` and log aspect ratio
     ``~U(log ratio)`` are drawn at once; the first candidate that fits is used, otherwise the
     central crop clamped to ``ratio`` (exactly as ``torchvision.transforms.RandomResizedCrop``).
 
     Returns:
         A float tensor ``(B, 4)`` of integer-valued ``(x0, y0, w, h)`` in pixels.
     """
-    shape = (batch_size, attempts)
-    area = float(height * width)
-    target_area = _uniform(shape, scale[0], scale[1], generator, device) * area
-    log_ratio = _uniform(shape, math.log(ratio[0]), math.log(ratio[1]), generator, device)
-    aspect = torch.exp(log_ratio)
-    w = torch.round(torch.sqrt(target_area * aspect))
-    h = torch.round(torch.sqrt(target_area / aspect))
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
-    any_valid = valid.any(dim=1)
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
+    w, h, any_valid = _box_candidates((batch_size, height, width), scale, ratio, generator, device)
     # Fallback: the central crop (torchvision's rule).
     in_ratio = width / height
     if in_ratio < min(ratio):
@@ -199,10 +230,15 @@ class BatchTransform(nn.Module):
         """Apply the transform to ``x`` with fixed ``params``."""
         raise NotImplementedError
 
+    def draw_and_apply(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Params]:
+        """Draw parameters for ``x`` from ``generator``, apply them; return both."""
+        params = self.sample_params(tuple(x.shape), device=x.device, generator=generator)
+        return self.apply(x, params), params
+
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.apply(
-            x, self.sample_params(tuple(x.shape), device=x.device, generator=generator)
-        )
+        return self.draw_and_apply(x, generator)[0]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -213,6 +249,8 @@ class Compose(BatchTransform):
 
     Other callables (kornia augmentations, any ``fn(x) -> x``) are called with ``x`` alone and
     draw from the global torch RNG (which :class:`DataAugmentationCallback` seeds per step).
+    :meth:`sample_params` needs every step to be a :class:`BatchTransform`;
+    :meth:`draw_and_apply` (what the callback uses) takes any steps and returns the parameters.
 
     Args:
         transforms: the transforms, in order.
@@ -249,7 +287,7 @@ class Compose(BatchTransform):
             if not isinstance(t, BatchTransform):
                 raise RuntimeError(
                     f"Compose.sample_params needs BatchTransform steps; step {i} is {t!r}. "
-                    "Call the Compose directly instead."
+                    "Use Compose.draw_and_apply (or call the Compose) instead."
                 )
             params[str(i)] = t.sample_params(shape, device=device, generator=generator)
             shape = t.output_shape(shape)
@@ -257,20 +295,31 @@ class Compose(BatchTransform):
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         for i, t in enumerate(self.transforms):
-            x = t.apply(x, params[str(i)])  # type: ignore[union-attr]
+            x = t.apply(x, params[str(i)]) if isinstance(t, BatchTransform) else t(x)
         return x
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        for t in self.transforms:
-            x = t(x, generator) if isinstance(t, BatchTransform) else t(x)
-        return x
+    @override
+    def draw_and_apply(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Params]:
+        """Draw and apply step by step (other callables use the global RNG); return the params.
+
+        Unlike :meth:`sample_params` this works with any callable step.
+        """
+        params: Params = {}
+        for i, t in enumerate(self.transforms):
+            if isinstance(t, BatchTransform):
+                x, params[str(i)] = t.draw_and_apply(x, generator)
+            else:
+                x = t(x)
+        return x, params
 
     def extra_repr(self) -> str:
         return ""
 
 
 class RandomHorizontalFlip(BatchTransform):
-    """Flip each image left-right with probability ``p`` (per sample; kornia ``hflip``).
+    """Flip each image left-right with probability ``p`` (per sample), any ``(B, ..., W)``.
 
     Args:
         p: probability that a sample is flipped, in [0, 1].
@@ -293,9 +342,7 @@ class RandomHorizontalFlip(BatchTransform):
         return {"flip": _rand((shape[0],), generator, device) < self.p}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        import kornia.geometry.transform as KG
-
-        return torch.where(_per_sample(params["flip"], x), KG.hflip(x), x)
+        return torch.where(_per_sample(params["flip"], x), x.flip(-1), x)
 
 
 class RandomResizedCrop(BatchTransform):
@@ -326,8 +373,8 @@ class RandomResizedCrop(BatchTransform):
     ) -> None:
         super().__init__()
         self.size = _size_pair(size)
-        self.scale = _range_in("scale", scale, 0.0, 1.0, low_inclusive=False)
-        self.ratio = _range_in("ratio", ratio, 0.0, math.inf, low_inclusive=False)
+        self.scale = _range("scale", scale, 0.0, 1.0, low_inclusive=False)
+        self.ratio = _range("ratio", ratio, 0.0, math.inf, low_inclusive=False)
         self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
 
     def output_shape(self, shape: Shape) -> Shape:
@@ -351,7 +398,8 @@ class RandomResizedCrop(BatchTransform):
         corners = torch.stack(
             [torch.stack(p, dim=1) for p in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], dim=1
         )
-        return KG.crop_and_resize(x, corners, self.size, mode=self.mode, align_corners=True)
+        out = KG.crop_and_resize(_bchw(x), corners, self.size, mode=self.mode, align_corners=True)
+        return _like(out, x)
 
 
 class RandomRotation(BatchTransform):
@@ -376,7 +424,7 @@ class RandomRotation(BatchTransform):
         self, degrees: float | tuple[float, float], p: float = 1.0, mode: str = "bilinear"
     ) -> None:
         super().__init__()
-        self.degrees = _pair("degrees", degrees, symmetric_around=0.0)
+        self.degrees = _range("degrees", degrees, centre=0.0)
         self.p = check_probability("p", p)
         self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
 
@@ -393,7 +441,8 @@ class RandomRotation(BatchTransform):
         import kornia.geometry.transform as KG
 
         _check_float(x, type(self).__name__)
-        rotated = KG.rotate(x, params["angle"].to(x.dtype), mode=self.mode)
+        angle = params["angle"].to(x.dtype)
+        rotated = _like(KG.rotate(_bchw(x), angle, mode=self.mode), x)
         return torch.where(_per_sample(params["apply"], x), rotated, x)
 
 
@@ -421,6 +470,8 @@ class ColorJitter(BatchTransform):
         torch.Size([2, 3, 8, 8])
     """
 
+    _FACTORS = ("brightness", "contrast", "saturation", "hue")
+
     def __init__(
         self,
         brightness: float | tuple[float, float] = 0.0,
@@ -433,22 +484,15 @@ class ColorJitter(BatchTransform):
         self.brightness = _factor_range("brightness", brightness)
         self.contrast = _factor_range("contrast", contrast)
         self.saturation = _factor_range("saturation", saturation)
-        self.hue = _pair("hue", hue, symmetric_around=0.0)
-        if self.hue[0] < -0.5 or self.hue[1] > 0.5:
-            raise ValueError(f"`hue` must lie within [-0.5, 0.5], got {hue!r}")
+        self.hue = _range("hue", hue, -0.5, 0.5, centre=0.0)
         self.p = check_probability("p", p)
 
     def sample_params(
         self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
     ) -> Params:
         b = shape[0]
-        return {
-            "brightness": _uniform((b,), *self.brightness, generator, device),
-            "contrast": _uniform((b,), *self.contrast, generator, device),
-            "saturation": _uniform((b,), *self.saturation, generator, device),
-            "hue": _uniform((b,), *self.hue, generator, device),
-            "apply": _rand((b,), generator, device) < self.p,
-        }
+        params = {k: _uniform((b,), *getattr(self, k), generator, device) for k in self._FACTORS}
+        return {**params, "apply": _rand((b,), generator, device) < self.p}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         import kornia.enhance as KE
@@ -456,16 +500,16 @@ class ColorJitter(BatchTransform):
         _check_float(x, type(self).__name__)
         if x.ndim < 3 or x.shape[-3] != 3:
             raise ValueError(f"ColorJitter expects RGB images (B, 3, H, W), got {tuple(x.shape)}")
+        ops = (
+            KE.adjust_brightness_accumulative,
+            KE.adjust_contrast_with_mean_subtraction,
+            KE.adjust_saturation_with_gray_subtraction,
+            lambda img, hue: KE.adjust_hue(img, hue * (2 * math.pi)),
+        )
         out = x.clamp(0.0, 1.0)
-        dt = x.dtype
-        if self.brightness != (1.0, 1.0):
-            out = KE.adjust_brightness_accumulative(out, params["brightness"].to(dt))
-        if self.contrast != (1.0, 1.0):
-            out = KE.adjust_contrast_with_mean_subtraction(out, params["contrast"].to(dt))
-        if self.saturation != (1.0, 1.0):
-            out = KE.adjust_saturation_with_gray_subtraction(out, params["saturation"].to(dt))
-        if self.hue != (0.0, 0.0):
-            out = KE.adjust_hue(out, params["hue"].to(dt) * (2 * math.pi))
+        for name, op, identity in zip(self._FACTORS, ops, (1.0, 1.0, 1.0, 0.0)):
+            if getattr(self, name) != (identity, identity):
+                out = op(out, params[name].to(x.dtype))
         out = out.clamp(0.0, 1.0)
         return torch.where(_per_sample(params["apply"], x), out, x)
 
@@ -503,35 +547,33 @@ class RandomErasing(BatchTransform):
     ) -> None:
         super().__init__()
         self.p = check_probability("p", p)
-        self.scale = _range_in("scale", scale, 0.0, 1.0, low_inclusive=False)
-        self.ratio = _range_in("ratio", ratio, 0.0, math.inf, low_inclusive=False)
+        self.scale = _range("scale", scale, 0.0, 1.0, low_inclusive=False)
+        self.ratio = _range("ratio", ratio, 0.0, math.inf, low_inclusive=False)
         self.value = check_range("value", value)
 
     def sample_params(
         self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
     ) -> Params:
         height, width = _image_shape(shape, type(self).__name__)
-        b, n = shape[0], 10
-        area = _uniform((b, n), *self.scale, generator, device) * (height * width)
-        aspect = torch.exp(
-            _uniform((b, n), math.log(self.ratio[0]), math.log(self.ratio[1]), generator, device)
+        b, (r0, r1) = shape[0], self.ratio  # our ratio is h / w: log(w / h) ~ U(-log r1, -log r0)
+        w, h, found = _box_candidates(
+            (b, height, width), self.scale, (1 / r1, 1 / r0), generator, device, strict=True
         )
-        h = torch.round(torch.sqrt(area * aspect))
-        w = torch.round(torch.sqrt(area / aspect))
-        valid = (h > 0) & (h < height) & (w > 0) & (w < width)
-        first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
-        h = h.gather(1, first).squeeze(1)
-        w = w.gather(1, first).squeeze(1)
         u = _rand((b, 3), generator, device)
         y0 = torch.floor(u[:, 0] * (height - h + 1))
         x0 = torch.floor(u[:, 1] * (width - w + 1))
-        apply = valid.any(dim=1) & (u[:, 2] < self.p)
-        return {"box": torch.stack([x0, y0, w, h], dim=1), "apply": apply}
+        return {"box": torch.stack([x0, y0, w, h], dim=1), "apply": found & (u[:, 2] < self.p)}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        mask = _box_mask(params["box"], params["apply"], x.shape[-2], x.shape[-1], x.device)
-        mask = mask.view(x.shape[0], *([1] * (x.ndim - 3)), *mask.shape[-2:])
-        return x.masked_fill(mask, self.value)
+        x0, y0, w, h = params["box"].unbind(1)
+        rows = torch.arange(x.shape[-2], device=x.device, dtype=x0.dtype)
+        cols = torch.arange(x.shape[-1], device=x.device, dtype=x0.dtype)
+        in_rows = (rows >= y0[:, None]) & (rows < (y0 + h)[:, None])
+        in_cols = (cols >= x0[:, None]) & (cols < (x0 + w)[:, None])
+        mask = in_rows[:, :, None] & in_cols[:, None, :] & params["apply"][:, None, None]
+        return x.masked_fill(
+            mask.view(x.shape[0], *([1] * (x.ndim - 3)), *mask.shape[-2:]), self.value
+        )
 
 
 class RandomAffineCrop(BatchTransform):
@@ -575,10 +617,10 @@ class RandomAffineCrop(BatchTransform):
     ) -> None:
         super().__init__()
         self.size = _size_pair(size)
-        self.scale = _range_in("scale", scale, 0.0, 1.0, low_inclusive=False)
-        self.ratio = _range_in("ratio", ratio, 0.0, math.inf, low_inclusive=False)
+        self.scale = _range("scale", scale, 0.0, 1.0, low_inclusive=False)
+        self.ratio = _range("ratio", ratio, 0.0, math.inf, low_inclusive=False)
         self.hflip = check_probability("hflip", hflip)
-        self.degrees = _pair("degrees", degrees, symmetric_around=0.0)
+        self.degrees = _range("degrees", degrees, centre=0.0)
         self.padding_mode = check_choice(
             "padding_mode", padding_mode, ("zeros", "border", "reflection")
         )
@@ -624,14 +666,12 @@ class RandomAffineCrop(BatchTransform):
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         _check_float(x, type(self).__name__)
         height, width = _image_shape(tuple(x.shape), type(self).__name__)
-        lead = x.shape[:-2]
-        flat = x.reshape(x.shape[0], -1, height, width)
         theta = self.matrix(params, height, width).to(x.dtype)
-        grid = F.affine_grid(theta, [flat.shape[0], 1, *self.size], align_corners=False)
+        grid = F.affine_grid(theta, [x.shape[0], 1, *self.size], align_corners=False)
         out = F.grid_sample(
-            flat, grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=False
+            _bchw(x), grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=False
         )
-        return out.reshape(*lead, *self.size)
+        return _like(out, x)
 
 
 class GaussianNoise(BatchTransform):
@@ -659,12 +699,10 @@ class GaussianNoise(BatchTransform):
         clip: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
-        self.std = _pair("std", std)
-        if self.std[0] < 0:
-            raise ValueError(f"`std` must be >= 0, got {std!r}")
+        self.std = _range("std", std, 0.0)
         self.mean = check_range("mean", mean)
         self.p = check_probability("p", p)
-        self.clip = None if clip is None else _pair("clip", clip)
+        self.clip = None if clip is None else _range("clip", clip)
 
     def sample_params(
         self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
@@ -857,130 +895,17 @@ class FrequencyMasking(_AxisMasking):
     axis = -2
 
 
-def _box_mask(
-    box: torch.Tensor, apply: torch.Tensor, height: int, width: int, device: Any
-) -> torch.Tensor:
-    """``(B, H, W)`` boolean mask of the ``(x0, y0, w, h)`` boxes where ``apply``."""
-    x0, y0, w, h = box.unbind(1)
-    rows = torch.arange(height, device=device, dtype=box.dtype)
-    cols = torch.arange(width, device=device, dtype=box.dtype)
-    in_rows = (rows >= y0[:, None]) & (rows < (y0 + h)[:, None])
-    in_cols = (cols >= x0[:, None]) & (cols < (x0 + w)[:, None])
-    return in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]
-
-
 def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        s = check_int("size", size, 1)
-        return (s, s)
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (size, size)
     if not isinstance(size, Sequence) or len(size) != 2:
         raise ValueError(f"`size` must be an int or a (height, width) pair, got {size!r}")
     return (check_int("size[0]", size[0], 1), check_int("size[1]", size[1], 1))
 
 
-def _range_in(
-    name: str,
-    value: Sequence[float],
-    low: float,
-    high: float,
-    *,
-    low_inclusive: bool = True,
-) -> tuple[float, float]:
-    if not isinstance(value, Sequence) or len(value) != 2:
-        raise ValueError(f"`{name}` must be a (low, high) pair, got {value!r}")
-    a = check_range(f"{name}[0]", value[0], low, high, low_inclusive=low_inclusive)
-    b = check_range(f"{name}[1]", value[1], low, high, low_inclusive=low_inclusive)
-    if a > b:
-        raise ValueError(f"`{name}` must satisfy low <= high, got {tuple(value)!r}")
-    return (a, b)
-
-
 def _factor_range(name: str, value: float | Sequence[float]) -> tuple[float, float]:
-    low, high = _pair(name, value, symmetric_around=1.0)
+    low, high = _range(name, value, centre=1.0)
     return (max(low, 0.0), high)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-step, per-rank, resumable randomness for callbacks
-# --------------------------------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def _mix_seed(*values: int) -> int:
-    h = 0
-    for v in values:
-        h = _splitmix64(h ^ (v & _MASK64))
-    return h & ((1 << 63) - 1)
-
-
-@contextlib.contextmanager
-def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the body with the global torch RNG (CPU and ``device``) seeded, then restore it."""
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            yield
-        return
-    module = getattr(torch, device.type)
-    index = device.index if device.index is not None else module.current_device()
-    with torch.random.fork_rng(devices=[index], device_type=device.type):
-        torch.random.default_generator.manual_seed(seed)
-        with module.device(index):
-            module.manual_seed(seed)
-        yield
-
-
-class CallbackRNG:
-    """A callback's own random stream: per step, per DDP rank, reproducible and resumable.
-
-    Step ``n`` on rank ``r`` draws from a ``torch.Generator`` on the batch's device seeded with
-    ``hash(seed, r, n)``. ``seed`` defaults to ``torch.initial_seed()`` at ``setup`` (so
-    ``seed_everything`` makes runs reproducible), the rank makes ranks differ, and the counter
-    ``n`` is checkpointed, so a resumed run continues with exactly the draws the uninterrupted
-    run would have made. Re-seeding costs microseconds and no device sync.
-    """
-
-    def __init__(self, seed: int | None = None, salt: int = 0) -> None:
-        self.user_seed = None if seed is None else check_int("seed", seed)
-        self.salt = salt
-        self.seed: int | None = self.user_seed
-        self.counter = 0
-        self.rank = 0
-        self._generators: dict[str, torch.Generator] = {}
-
-    def setup(self, trainer: pl.Trainer) -> None:
-        """Start a fresh stream for this run (a later checkpoint restore overrides it)."""
-        self.seed = self.user_seed if self.user_seed is not None else torch.initial_seed()
-        self.counter = 0
-        self.rank = int(trainer.global_rank)
-
-    def next(self, device: torch.device) -> tuple[torch.Generator, int]:
-        """The generator for the next step (on ``device``) and its integer seed."""
-        if self.seed is None:
-            self.seed = torch.initial_seed()
-        step_seed = _mix_seed(self.seed, self.salt, self.rank, self.counter)
-        self.counter += 1
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = self._generators[key] = torch.Generator(device=device)
-        gen.manual_seed(step_seed)
-        return gen, step_seed
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "counter": self.counter}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = state["seed"]
-        self.counter = int(state["counter"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -1065,15 +990,11 @@ class DataAugmentationCallback(Callback):
         """Draw this step's randomness and return the augmented ``x`` (no batch access)."""
         generator, step_seed = self.rng.next(x.device)
         params: Params = {}
-        with torch.no_grad(), _seeded_global_rng(step_seed, x.device):
+        with torch.no_grad(), seeded_global_rng(step_seed, x.device):
             if self.p < 1.0:
                 params["selected"] = _rand((x.shape[0],), generator, x.device) < self.p
             if isinstance(self.transform, BatchTransform):
-                shape = tuple(x.shape)
-                params["transform"] = self.transform.sample_params(
-                    shape, device=x.device, generator=generator
-                )
-                out = self.transform.apply(x, params["transform"])
+                out, params["transform"] = self.transform.draw_and_apply(x, generator)
             else:
                 out = self.transform(x)
             if not isinstance(out, torch.Tensor):

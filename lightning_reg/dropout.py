@@ -45,6 +45,7 @@ from lightning_reg.core.surgery import (
     format_changes,
     replace_modules,
     restore_modules,
+    training_flags_restored,
 )
 from lightning_reg.core.validation import (
     check_choice,
@@ -93,8 +94,15 @@ _DROPOUT_KINDS: dict[str, type[nn.Module]] = {
     "alpha": nn.AlphaDropout,
 }
 
-#: Every torch dropout module (Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout).
-DROPOUT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
+#: Every torch dropout module.
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 def _check_p(name: str, p: Any) -> float:
@@ -174,11 +182,19 @@ def _as_type_tuple(name: str, types: Any) -> tuple[type[nn.Module], ...]:
     return types
 
 
+def _activation_types(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """:data:`DEFAULT_ACTIVATIONS` plus the activation classes of timm and Hugging Face in
+    ``model`` (the classes those libraries define in their ``activations`` modules, such as
+    ``transformers.activations.GELUActivation``)."""
+    found = {type(m) for m in model.modules() if type(m).__module__.endswith(".activations")}
+    return (*DEFAULT_ACTIVATIONS, *sorted(found - set(DEFAULT_ACTIVATIONS), key=str))
+
+
 def add_dropout(
     model: nn.Module,
     p: float,
     *,
-    after: tuple[type[nn.Module], ...] | type[nn.Module] = DEFAULT_ACTIVATIONS,
+    after: tuple[type[nn.Module], ...] | type[nn.Module] | None = None,
     kind: str = "dropout",
 ) -> list[ModuleChange]:
     """Insert dropout after every module of the types in ``after`` (in place).
@@ -190,7 +206,8 @@ def add_dropout(
     Args:
         model: the model to change in place.
         p: drop probability in [0, 1).
-        after: module types to put dropout after (default: common activations).
+        after: module types to put dropout after. ``None``: the activations, i.e.
+            :data:`DEFAULT_ACTIVATIONS` and timm's and Hugging Face's activation classes.
         kind: dropout flavour, see :class:`DropoutAfter`.
 
     Returns:
@@ -208,7 +225,7 @@ def add_dropout(
     """
     p = _check_p("p", p)
     check_choice("kind", kind, _DROPOUT_KINDS)
-    types = _as_type_tuple("after", after)
+    types = _activation_types(model) if after is None else _as_type_tuple("after", after)
     policy = {t: (lambda mod, path: DropoutAfter(mod, p, kind)) for t in types}
     changes = replace_modules(model, policy, refuse_if_contains=(DropoutAfter,))
     if not changes:
@@ -418,34 +435,53 @@ class MCDropoutResult:
     samples: torch.Tensor | None = None
 
 
+def _samples_dropout(module: nn.Module) -> bool:
+    """Whether ``module`` must be in training mode for its dropout to sample: a dropout module
+    with ``p > 0``, a module that owns one (attention layers of torch, timm and Hugging Face
+    apply theirs functionally, only in training mode; ``nn.TransformerEncoderLayer`` takes a
+    fused path without dropout in eval), or a module with a ``*dropout*`` rate ``> 0`` (torch's
+    ``MultiheadAttention.dropout``, Hugging Face's ``attention_dropout``)."""
+    if isinstance(module, DROPOUT_TYPES):
+        return module.p > 0
+    return any(isinstance(c, DROPOUT_TYPES) and c.p > 0 for c in module.children()) or any(
+        "dropout" in k and isinstance(v, float) and v > 0 for k, v in vars(module).items()
+    )
+
+
 @contextmanager
 def mc_dropout_mode(model: nn.Module) -> Iterator[list[nn.Module]]:
-    """Context: everything in eval mode except dropout modules; flags restored exactly after.
+    """Context: only what applies dropout in training mode; flags restored exactly after.
 
-    BatchNorm (and every other module) runs in eval mode, so its running statistics are not
-    touched. On exit each module's ``training`` flag is what it was on entry, module by module.
+    In training mode: every dropout module with ``p > 0``, each module that owns one, and each
+    module with a float ``*dropout*`` rate ``> 0`` (attention layers that drop out functionally,
+    only when they are in training mode). Everything else, BatchNorm included, runs in eval
+    mode, so running statistics are not touched. On exit each module's ``training`` flag is what
+    it was on entry, module by module.
 
     Raises:
-        RuntimeError: if the model has no ``nn.Dropout*`` module (MC dropout would return the
-            same output every time).
+        RuntimeError: if nothing in the model samples dropout (MC dropout would return the
+            same output every time); the message names the dropout layers with ``p = 0``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).eval()
+        >>> with mc_dropout_mode(net) as sampling:
+        ...     [type(m).__name__ for m in sampling]
+        ['Sequential', 'Dropout']
     """
-    flags = [(m, m.training) for m in model.modules()]
-    drops = [m for _, m in dropout_modules(model)]
-    if not drops:
+    sampling = [m for m in model.modules() if _samples_dropout(m)]
+    if not sampling:
+        idle = [n for n, _ in dropout_modules(model)]
         raise RuntimeError(
-            "MC dropout needs dropout modules, but the model has no nn.Dropout* module "
-            "(functional F.dropout calls are not seen). Insert some with "
-            "`lightning_reg.add_dropout(model, p)`."
+            "MC dropout needs dropout with p > 0, but the model has none"
+            f"{f' (p = 0 in {idle[:3]})' if idle else ''}. Insert some with "
+            "`lightning_reg.add_dropout(model, p)` or raise the dropout rate."
         )
-    try:
-        for module, _ in flags:
+    with training_flags_restored(model) as modules:
+        for module in modules:
             module.training = False
-        for module in drops:
+        for module in sampling:
             module.training = True
-        yield drops
-    finally:
-        for module, flag in flags:
-            module.training = flag
+        yield sampling
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -468,8 +504,9 @@ def mc_dropout_predict(
     The input ``(B, ...)`` is repeated ``n`` times along the batch dimension and run in as few
     forwards as the memory bound allows (one forward per chunk of samples, not ``n`` sequential
     passes). ``nn.Dropout`` draws its mask per element, so every repeated row gets an
-    independent mask. Dropout modules are in training mode, everything else (BatchNorm
-    included) in eval mode; each module's ``training`` flag is restored exactly afterwards.
+    independent mask. Dropout modules and the layers that apply dropout functionally
+    (attention) are in training mode, everything else (BatchNorm included) in eval mode, see
+    :func:`mc_dropout_mode`; each module's ``training`` flag is restored exactly afterwards.
     Runs under ``torch.no_grad``. The model must treat batch rows independently in eval mode
     (true for standard layers).
 
@@ -492,7 +529,7 @@ def mc_dropout_predict(
     Raises:
         ValueError: for ``n_samples < 2``, a bad ``chunk_size``/``max_batch_elements`` or an
             unknown ``output``.
-        RuntimeError: if the model has no dropout module or does not return a tensor.
+        RuntimeError: if the model has no dropout with ``p > 0`` or does not return a tensor.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
@@ -559,7 +596,8 @@ class MCDropoutMixin:
 
     Put it before ``LightningModule`` in the bases. ``mc_predict`` works anywhere, including
     ``predict_step``, where Lightning has put the whole model in eval mode: only the dropout
-    modules are switched to training mode for the call and every flag is restored afterwards.
+    modules (and the attention layers that own them) are switched to training mode for the call
+    and every flag is restored afterwards.
 
     Args (class attributes, override in the subclass):
         mc_classifier: default for ``classifier`` (statistics over softmax probabilities and a
@@ -687,7 +725,7 @@ class DropoutCallback(pl.Callback):
             apply_to = list(apply_to)
         self.apply_to = apply_to
         self.insert = bool(insert)
-        self.current_p: float | None = None
+        self._p: float | None = None  # the rate last set, to skip unchanged updates
         self._modules: list[nn.Module] = []
         self._inserted_into: int | None = None
 
@@ -704,10 +742,10 @@ class DropoutCallback(pl.Callback):
 
     def _apply(self, trainer: pl.Trainer) -> float:
         p = self._rate(trainer)
-        if p != self.current_p:
+        if p != self._p:
             for module in self._modules:
                 module.p = p
-            self.current_p = p
+            self._p = p
         return p
 
     @override
@@ -731,7 +769,7 @@ class DropoutCallback(pl.Callback):
                 "dropout with `lightning_reg.add_dropout(model, p)` or use "
                 "`DropoutCallback(..., insert=True)`, or fix `apply_to`."
             )
-        self.current_p = None
+        self._p = None
         self._apply(trainer)
 
     @override
@@ -741,11 +779,3 @@ class DropoutCallback(pl.Callback):
         p = self._apply(trainer)
         if is_logging_step(trainer):
             log_scalars(pl_module, {"reg/dropout/p": p})
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"current_p": self.current_p}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.current_p = state_dict.get("current_p")

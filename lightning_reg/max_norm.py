@@ -3,29 +3,32 @@
 The reference constrains each weight vector to a ball, ``‖w‖₂ ≤ r``, and projects it back when
 an update leaves the ball. In PyTorch layout a *unit* is dim 0 of a weight (an output neuron or
 a filter), so the unit's incoming weights are the rest of the tensor: dim 1 for ``Linear``, dims
-1.. for ``Conv``. ``dim=None`` treats the whole tensor as one vector.
+1.. for ``Conv``; ``ConvTranspose`` weights are ``(in, out, ...)``, so their unit is dim 1.
+``dim=None`` treats the whole tensor as one vector.
 
-Projection is batched: unit norms are read straight from each parameter, every scale factor is
-computed in one flat tensor and applied with one ``torch._foreach_mul_``; the units outside
-the ball are scaled by ``r/‖w‖``. Units already inside the ball are
-multiplied by exactly 1.0, so they stay unchanged bit for bit. A unit whose norm is NaN or
-infinite is left alone: a constraint never turns a non-finite weight into a number.
+Projection is batched: the tensors are bucketed by (device, dtype, unit length), each bucket's
+unit norms come from one kernel (accumulated in float32 or wider), and all scale factors are
+applied with one foreach multiply. Units already inside the ball are multiplied by exactly 1.0,
+so they stay unchanged bit for bit. A unit whose norm is NaN or infinite is left alone: a
+constraint never turns a non-finite weight into a number.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from torch import nn
 from typing_extensions import override
 
-from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
+from lightning_reg.core.compat import foreach_clamp_min_, foreach_mul_
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.params import ParamSelection, groups_by_optimizer
-from lightning_reg.core.strategies import FLAT_SHARDED, refuse_strategies
+from lightning_reg.core.param_callback import Group, ParamCallback, resolve_params
+from lightning_reg.core.params import ParamSelection, SelectedParam
+from lightning_reg.core.strategies import refuse_strategies
 from lightning_reg.core.validation import check_choice, check_positive
 
 __all__ = [
@@ -37,7 +40,11 @@ __all__ = [
 ]
 
 Dim = str | int | tuple[int, ...] | None
+Params = torch.Tensor | nn.Module | Iterable[torch.Tensor]
+#: One bucket: (tensor, permutation putting the unit dims first, shape of its scale factors).
+Bucket = list[tuple[torch.Tensor, tuple[int, ...] | None, list[int]]]
 _CONSTRAINTS = ("max_norm", "unit_norm", "non_neg")
+_BUCKET_NUMEL = 1 << 25  # bound the temporary copy of one bucket's units
 
 
 def _check_dim(dim: Any) -> Dim:
@@ -54,47 +61,76 @@ def _check_dim(dim: Any) -> Dim:
     raise ValueError(f"`dim` must be 'unit', None, an int or a tuple of ints, got {dim!r}")
 
 
-def _reduce_dims(ndim: int, dim: Dim) -> tuple[int, ...]:
-    """The dims of a tensor that a unit norm reduces over (empty: each element is a unit)."""
-    if dim is None:
-        return tuple(range(ndim))
-    if dim == "unit":
-        return tuple(range(1, ndim))
-    dims = (dim,) if isinstance(dim, int) else dim
-    return tuple(d % ndim for d in dims)
+def _plan(selected: Iterable[SelectedParam], dim: Dim) -> list[Bucket]:
+    """Bucket tensors by (device, dtype, unit length) so one kernel gives a bucket's norms."""
+    buckets: dict[tuple, Bucket] = {}
+    for s in selected:
+        t = s.param
+        if dim is None:
+            reduce = tuple(range(t.ndim))
+        elif dim == "unit":
+            reduce = tuple(d for d in range(t.ndim) if d != s.unit_dim)
+        else:
+            reduce = tuple(sorted({d % t.ndim for d in ((dim,) if isinstance(dim, int) else dim)}))
+        order = tuple(d for d in range(t.ndim) if d not in reduce) + reduce
+        length = math.prod(t.shape[d] for d in reduce)
+        if t.numel() == 0:
+            continue
+        key = (t.device, t.dtype, length)
+        bucket = buckets.setdefault(key, [])
+        if bucket and sum(x.numel() for x, _, _ in bucket) + t.numel() > _BUCKET_NUMEL:
+            buckets[(*key, len(buckets))] = bucket  # full: keep it, start a new one
+            bucket = buckets[key] = []
+        shape = [1 if d in reduce else n for d, n in enumerate(t.shape)]
+        bucket.append((t, None if order == tuple(range(t.ndim)) else order, shape))
+    return list(buckets.values())
 
 
-def _unit_scales(
-    params: Iterable[torch.Tensor], dim: Dim, scale_fn: Callable[[torch.Tensor], torch.Tensor]
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Rescale every unit of ``params`` by ``scale_fn(norms)``, in place and batched.
+@torch.no_grad()
+def _rescale_(
+    plan: list[Bucket], scale_fn: Callable[[torch.Tensor], torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Multiply every unit by ``scale_fn(its norm)`` in place; return ``(norms, scales)``."""
+    out = []
+    for bucket in plan:
+        tensors = [t for t, _, _ in bucket]
+        length = math.prod(tensors[0].shape) // math.prod(bucket[0][2])
+        units = [(t if o is None else t.permute(o)).reshape(-1, length) for t, o, _ in bucket]
+        acc = torch.promote_types(tensors[0].dtype, torch.float32)
+        rows = units[0] if len(units) == 1 else torch.cat(units)
+        norms = torch.linalg.vector_norm(rows, dim=1, dtype=acc)
+        scale = scale_fn(norms)
+        pieces = scale.to(tensors[0].dtype).split([u.shape[0] for u in units])
+        foreach_mul_(tensors, [p.view(shape) for p, (_, _, shape) in zip(pieces, bucket)])
+        out.append((norms, scale))
+    return out
 
-    Norms are read per tensor straight from the parameter (no copy); all scale factors of a
-    (device, dtype) bucket are computed in one flat tensor and applied with one foreach
-    multiply. Yields ``(flat_norms, flat_scale)`` per bucket for diagnostics.
-    """
-    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for p in params:
-        buckets.setdefault((p.device, p.dtype), []).append(p.detach())
-    for tensors in buckets.values():
-        norms = []
-        for t in tensors:
-            dims = _reduce_dims(t.ndim, dim)
-            if dims:
-                norms.append(
-                    torch.linalg.vector_norm(t, dim=dims, keepdim=True, dtype=torch.float32)
-                )
-            else:
-                norms.append(t.abs().float())
-        flat = torch.cat([n.reshape(-1) for n in norms])
-        scale = scale_fn(flat)
-        pieces = scale.to(tensors[0].dtype).split([n.numel() for n in norms])
-        torch._foreach_mul_(tensors, [s.view(n.shape) for s, n in zip(pieces, norms)])
-        yield flat, scale
+
+def _shrink_to(radius: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def shrink(norms: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isfinite(norms) & (norms > radius), radius / norms, 1.0)
+
+    return shrink
+
+
+def _to_unit(norms: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(norms) & (norms > 0), 1.0 / norms, 1.0)
+
+
+def _stats(done: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if not done:
+        zero = torch.zeros(())
+        return {"units": zero, "projected": zero, "max_unit_norm": zero}
+    norms = torch.cat([n.float() for n, _ in done])
+    return {
+        "units": torch.tensor(float(norms.numel())),
+        "projected": torch.cat([s != 1 for _, s in done]).sum(),
+        "max_unit_norm": torch.where(torch.isfinite(norms), norms, 0.0).amax(),
+    }
 
 
 def max_norm_(
-    params: Iterable[torch.Tensor],
+    params: Params,
     max_norm: float = 3.0,
     *,
     dim: Dim = "unit",
@@ -103,11 +139,12 @@ def max_norm_(
     """Project each unit of each tensor into the ball ``‖w‖₂ ≤ max_norm``, in place.
 
     Args:
-        params: tensors (parameters) to constrain.
+        params: a tensor, an iterable of tensors, or a module (then its ``"weights"``, each
+            with its layer's unit dim, e.g. dim 1 for ``ConvTranspose``), as
+            ``torch.nn.utils.clip_grad_norm_`` accepts.
         max_norm: the radius r > 0.
         dim: ``"unit"`` (dim 0 is the unit, the norm runs over the other dims), ``None`` (the
             whole tensor is one vector), or the dim(s) to reduce over explicitly.
-
         return_stats: also return diagnostics.
 
     Returns:
@@ -119,7 +156,7 @@ def max_norm_(
 
     Example:
         >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
-        >>> _ = max_norm_([w], 1.0)
+        >>> _ = max_norm_(w, 1.0)
         >>> w
         tensor([[0.6000, 0.8000],
                 [0.3000, 0.4000]])
@@ -128,67 +165,51 @@ def max_norm_(
         Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from Overfitting",
         JMLR 2014, section 5.1.
     """
-    radius = check_positive("max_norm", max_norm)
-    dim = _check_dim(dim)
-    units = 0
-    projected: list[torch.Tensor] = []
-    largest: list[torch.Tensor] = []
-
-    def shrink(norms: torch.Tensor) -> torch.Tensor:
-        outside = torch.isfinite(norms) & (norms > radius)
-        return torch.where(outside, radius / norms, 1.0)
-
-    for flat, scale in _unit_scales(params, dim, shrink):
-        if return_stats:
-            units += flat.numel()
-            projected.append((scale != 1).sum())
-            largest.append(torch.where(torch.isfinite(flat), flat, 0.0).amax())
-    if not return_stats:
-        return None
-    if not projected:
-        zero = torch.zeros(())
-        return {"units": zero, "projected": zero, "max_unit_norm": zero}
-    return {
-        "units": torch.tensor(float(units)),
-        "projected": torch.stack(projected).sum(),
-        "max_unit_norm": torch.stack(largest).amax(),
-    }
+    shrink = _shrink_to(check_positive("max_norm", max_norm))
+    done = _rescale_(_plan(resolve_params(params), _check_dim(dim)), shrink)
+    return _stats(done) if return_stats else None
 
 
-def unit_norm_(params: Iterable[torch.Tensor], *, dim: Dim = "unit") -> None:
+def unit_norm_(params: Params, *, dim: Dim = "unit") -> None:
     """Rescale each unit to norm 1, in place. Zero and non-finite units are left unchanged.
 
+    Args:
+        params: as in :func:`max_norm_`.
+        dim: as in :func:`max_norm_`.
+
+    Raises:
+        ValueError: for a bad ``dim``.
+
     Example:
-        >>> w = torch.tensor([[3.0, 4.0]]); unit_norm_([w]); w
+        >>> w = torch.tensor([[3.0, 4.0]]); unit_norm_(w); w
         tensor([[0.6000, 0.8000]])
     """
-    dim = _check_dim(dim)
-
-    def to_unit(norms: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.isfinite(norms) & (norms > 0), 1.0 / norms, 1.0)
-
-    for _ in _unit_scales(params, dim, to_unit):
-        pass
+    _rescale_(_plan(resolve_params(params), _check_dim(dim)), _to_unit)
 
 
-def non_neg_(params: Iterable[torch.Tensor]) -> None:
+@torch.no_grad()
+def non_neg_(params: Params) -> None:
     """Clamp every weight to ``>= 0``, in place (NaN stays NaN).
 
+    Args:
+        params: as in :func:`max_norm_`.
+
     Example:
-        >>> w = torch.tensor([-1.0, 2.0]); non_neg_([w]); w
+        >>> w = torch.tensor([-1.0, 2.0]); non_neg_(w); w
         tensor([0., 2.])
     """
-    tensors = [p.detach() for p in params]
+    tensors = [s.param for s in resolve_params(params)]
     if tensors:
-        torch._foreach_clamp_min_(tensors, 0.0)
+        foreach_clamp_min_(tensors, 0.0)
 
 
-class WeightConstraintCallback(Callback):
+class WeightConstraintCallback(ParamCallback):
     """Project the selected parameters onto a constraint set after every real optimizer step.
 
     The projection runs in an optimizer step post-hook, so it happens once per real step (not
     per micro-batch under gradient accumulation) and never on a step that AMP's ``GradScaler``
-    skipped for inf/NaN gradients.
+    skipped for inf/NaN gradients. Parameters that become trainable later (``BackboneFinetuning``,
+    ``optimizer.add_param_group``) are constrained from that step on.
 
     Args:
         constraint: ``"max_norm"``, ``"unit_norm"`` or ``"non_neg"``.
@@ -199,7 +220,7 @@ class WeightConstraintCallback(Callback):
     Raises:
         ValueError: for an unknown constraint, ``max_norm <= 0`` (or NaN/inf), a bad ``dim`` or
             an unknown selector.
-        RuntimeError: at fit start, if the selection matches no parameter.
+        RuntimeError: at fit start, if the selection matches no parameter of an optimizer.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[WeightConstraintCallback("non_neg")])
@@ -216,48 +237,20 @@ class WeightConstraintCallback(Callback):
         dim: str | int | tuple[int, ...] | None = "unit",
         params: str | ParamSelection = "weights",
     ) -> None:
-        super().__init__()
         self.constraint = check_choice("constraint", constraint, _CONSTRAINTS)
         self.max_norm = check_positive("max_norm", max_norm)
         self.dim = _check_dim(dim)
-        self.selection = ParamSelection.coerce(params)
-        self._params: list[torch.Tensor] = []
-        self._owned: dict[int, list[torch.Tensor]] = {}
+        super().__init__(params, after_step=True)
         self._want_stats = False
         self._stats: list[dict[str, torch.Tensor]] = []
-        self._hooks = OptimizerStepHooks(after_step=self._project)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(constraint=self.constraint, max_norm=self.max_norm)
 
-    def project(
-        self, tensors: Sequence[torch.Tensor], *, return_stats: bool = False
-    ) -> dict[str, torch.Tensor] | None:
-        """Apply the constraint to ``tensors`` now; with ``return_stats``, max-norm diagnostics."""
-        if self.constraint == "max_norm":
-            return max_norm_(tensors, self.max_norm, dim=self.dim, return_stats=return_stats)
-        if self.constraint == "unit_norm":
-            unit_norm_(tensors, dim=self.dim)
-        else:
-            non_neg_(tensors)
-        return None
-
-    def _project(self, optimizer: torch.optim.Optimizer) -> None:
-        tensors = self._owned.get(id(optimizer), [])
-        stats = self.project(tensors, return_stats=self._want_stats)
-        if stats is not None:
-            self._stats.append(stats)
-
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refuse_strategies(
-            trainer,
-            type(self).__name__,
-            FLAT_SHARDED,
-            "it needs each parameter with its own shape, and this strategy flattens or "
-            "partitions them (ModelParallelStrategy/FSDP2 is supported with dim='unit')",
-        )
+    def check_strategy(self, trainer: pl.Trainer) -> None:
+        super().check_strategy(trainer)
         if self.dim != "unit" and self.constraint != "non_neg":
             refuse_strategies(
                 trainer,
@@ -265,18 +258,28 @@ class WeightConstraintCallback(Callback):
                 ("ModelParallelStrategy",),
                 "norms over dims other than the dim-0 units span shards (use dim='unit')",
             )
-        self._params = self.selection.parameters(pl_module)
-        grouped = groups_by_optimizer(
-            self._params, real_optimizers(trainer.optimizers), type(self).__name__
-        )
-        self._owned = {key: [p for _, ps in groups for p in ps] for key, groups in grouped.items()}
-        self._hooks.attach(trainer.optimizers)
+
+    @override
+    def prepare(self, selected: list[SelectedParam]) -> Any:
+        if self.constraint == "non_neg":
+            return [s.param for s in selected]
+        return _plan(selected, self.dim)
+
+    @override
+    def after_step(self, groups: list[Group]) -> None:
+        if self.constraint == "non_neg":
+            non_neg_([t for _, tensors in groups for t in tensors])
+            return
+        fn = _shrink_to(self.max_norm) if self.constraint == "max_norm" else _to_unit
+        done = [d for _, plan in groups for d in _rescale_(plan, fn)]
+        if self._want_stats and self.constraint == "max_norm":
+            self._stats.append(_stats(done))
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._want_stats = self.constraint == "max_norm" and is_logging_step(trainer)
+        self._want_stats = is_logging_step(trainer)
 
     @override
     def on_train_batch_end(
@@ -296,14 +299,14 @@ class WeightConstraintCallback(Callback):
         log_scalars(
             pl_module,
             {
-                "reg/max_norm/projected_fraction": projected.float() / max(units, 1.0),
+                "reg/max_norm/projected_fraction": projected / max(units, 1.0),
                 "reg/max_norm/max_unit_norm": largest,
             },
         )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._hooks.detach()
+        super().teardown(trainer, pl_module, stage)
         self._stats = []
 
 

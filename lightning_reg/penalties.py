@@ -5,7 +5,7 @@ The reference defines the penalised loss as
     L_total = L + λ1·Σ|w| + λ2/2·Σw²
 
 The pure functions at the top compute the penalty (for users who add it to their own loss) and
-apply its gradient or proximal step to many tensors at once with ``torch._foreach_*`` kernels.
+apply its gradient or proximal step to many tensors at once with foreach kernels.
 The callbacks below decide *when* they run:
 
 * coupled (default): ``grad += λ2·w + λ1·sign(w)`` in ``on_before_optimizer_step``, which sees
@@ -24,14 +24,21 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
+from lightning_reg.core.compat import (
+    foreach_add_,
+    foreach_clamp_max_,
+    foreach_clamp_min,
+    foreach_mul_,
+    foreach_norm,
+    foreach_sign,
+    foreach_sub_,
+)
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.params import ParamSelection, groups_by_optimizer
-from lightning_reg.core.strategies import FLAT_SHARDED, refuse_strategies
+from lightning_reg.core.param_callback import Group, ParamCallback, resolve_params
+from lightning_reg.core.params import ParamSelection
 from lightning_reg.core.validation import check_non_negative
 
 __all__ = [
@@ -47,103 +54,138 @@ __all__ = [
     "soft_threshold_",
 ]
 
-Params = nn.Module | Iterable[torch.Tensor]
+Params = torch.Tensor | nn.Module | Iterable[torch.Tensor]
 
 
-def _tensors(params: Params) -> list[torch.Tensor]:
-    if isinstance(params, nn.Module):
-        return ParamSelection("weights").parameters(params)
-    if isinstance(params, torch.Tensor):
-        return [params]
-    return list(params)
+def _by_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    return list(buckets.values())
 
 
 def _norm_sum(tensors: Sequence[torch.Tensor], ord: float) -> torch.Tensor:
-    """Σ over tensors of ‖t‖_ord^ord (‖t‖_0: non-zero count), as one fp32 scalar, from one
-    foreach kernel per dtype."""
-    if not tensors:
-        return torch.zeros(())
-    total = torch.zeros((), device=tensors[0].device, dtype=torch.float32)
-    for dtype in {t.dtype for t in tensors}:
-        group = [t for t in tensors if t.dtype == dtype]
-        norms = torch.stack(torch._foreach_norm(group, ord)).float()
-        total = total + (norms.pow(2).sum() if ord == 2 else norms.sum())
+    """Σ over tensors of ‖t‖_ord^ord (‖t‖_0: non-zero count), accumulated in float32 or wider
+    (float64 stays float64), with one foreach kernel per (device, dtype)."""
+    total = torch.zeros(())
+    for group in _by_dtype(tensors):
+        acc = torch.promote_types(group[0].dtype, torch.float32)
+        norms = torch.stack(foreach_norm(group, ord, dtype=acc))
+        part = norms.square().sum() if ord == 2 else norms.sum()
+        total = part + total.to(part.device, torch.promote_types(total.dtype, acc))
     return total
 
 
 def l1_penalty(params: Params, strength: float = 1.0) -> torch.Tensor:
-    """``strength · Σ|w|`` over ``params`` (differentiable).
+    """``strength · Σ|w|`` over ``params`` (differentiable), accumulated in float32 or wider.
 
     Args:
-        params: tensors, or a module (then its "weights": ndim >= 2, no norm layers).
+        params: a tensor, an iterable of tensors, or a module (then its ``"weights"``, see
+            :class:`~lightning_reg.core.ParamSelection`).
         strength: λ1 >= 0.
+
+    Raises:
+        ValueError: for a negative, NaN or infinite ``strength``.
 
     Example:
         >>> l1_penalty([torch.tensor([1.0, -2.0])], 0.5)
         tensor(1.5000)
     """
     check_non_negative("strength", strength)
-    return strength * _norm_sum(_tensors(params), 1)
+    return strength * _norm_sum([s.param for s in resolve_params(params)], 1)
 
 
 def l2_penalty(params: Params, strength: float = 1.0) -> torch.Tensor:
     """``strength/2 · Σw²`` over ``params`` (differentiable); its gradient is ``strength·w``.
+
+    Args:
+        params: as in :func:`l1_penalty`.
+        strength: λ2 >= 0.
+
+    Raises:
+        ValueError: for a negative, NaN or infinite ``strength``.
 
     Example:
         >>> l2_penalty([torch.tensor([1.0, -2.0])], 1.0)
         tensor(2.5000)
     """
     check_non_negative("strength", strength)
-    return 0.5 * strength * _norm_sum(_tensors(params), 2)
+    return 0.5 * strength * _norm_sum([s.param for s in resolve_params(params)], 2)
 
 
 def elastic_net_penalty(params: Params, l1: float, l2: float) -> torch.Tensor:
-    """``l1·Σ|w| + l2/2·Σw²`` over ``params`` (Zou & Hastie 2005)."""
-    tensors = _tensors(params)
+    """``l1·Σ|w| + l2/2·Σw²`` over ``params`` (as in :func:`l1_penalty`).
+
+    Raises:
+        ValueError: for a negative, NaN or infinite strength.
+
+    Example:
+        >>> elastic_net_penalty([torch.tensor([1.0, -2.0])], 1.0, 1.0)
+        tensor(5.5000)
+
+    Reference:
+        Zou & Hastie, "Regularization and Variable Selection via the Elastic Net", 2005.
+    """
+    tensors = [s.param for s in resolve_params(params)]
     return l1_penalty(tensors, l1) + l2_penalty(tensors, l2)
 
 
+@torch.no_grad()
 def add_penalty_grad_(params: Sequence[torch.Tensor], l1: float = 0.0, l2: float = 0.0) -> None:
     """In place, ``p.grad += l2·p + l1·sign(p)`` for every ``p`` that has a gradient.
 
     ``sign(0) = 0``. Uses one foreach kernel per (device, dtype) group.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.tensor([2.0, 0.0])); p.grad = torch.zeros(2)
+        >>> add_penalty_grad_([p], l1=1.0, l2=0.5); p.grad
+        tensor([2., 0.])
     """
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
-        return
-    for dtype in {p.dtype for p in with_grad}:
-        ps = [p.detach() for p in with_grad if p.dtype == dtype]
-        grads = [p.grad for p in with_grad if p.dtype == dtype]
+    for ps in _by_dtype(p for p in params if p.grad is not None):
+        grads = [p.grad for p in ps]
         if l2:
-            torch._foreach_add_(grads, ps, alpha=l2)
+            foreach_add_(grads, ps, alpha=l2)
         if l1:
-            torch._foreach_add_(grads, torch._foreach_sign(ps), alpha=l1)
+            foreach_add_(grads, foreach_sign(ps), alpha=l1)
 
 
+@torch.no_grad()
 def decay_weights_(params: Sequence[torch.Tensor], factor: float | torch.Tensor) -> None:
-    """In place, ``p ← p · factor`` (decoupled weight decay uses ``factor = 1 − lr·λ``)."""
+    """In place, ``p ← p · factor`` (decoupled weight decay uses ``factor = 1 − lr·λ``).
+
+    Example:
+        >>> w = torch.ones(2); decay_weights_([w], 0.5); w
+        tensor([0.5000, 0.5000])
+    """
     if params:
-        torch._foreach_mul_([p.detach() for p in params], factor)
+        foreach_mul_(list(params), factor)
 
 
+@torch.no_grad()
 def soft_threshold_(params: Sequence[torch.Tensor], threshold: float | torch.Tensor) -> None:
     """In place, ``p ← sign(p)·max(|p| − threshold, 0)``, the proximal step of ``threshold·|p|``.
 
     Computed as ``p − clamp(p, −t, t)``: weights inside ``[−t, t]`` become exactly zero and NaN
     stays NaN.
+
+    Example:
+        >>> w = torch.tensor([0.5, -2.0]); soft_threshold_([w], 1.0); w
+        tensor([ 0., -1.])
     """
     if not params:
         return
-    if isinstance(threshold, torch.Tensor):  # capturable optimizers keep lr as a tensor
-        threshold = float(threshold)
-    ps = [p.detach() for p in params]
-    clipped = torch._foreach_clamp_min(ps, -threshold)
-    torch._foreach_clamp_max_(clipped, threshold)
-    torch._foreach_sub_(ps, clipped)
+    threshold = float(threshold)  # capturable optimizers keep lr as a tensor
+    ps = list(params)
+    clipped = foreach_clamp_min(ps, -threshold)
+    foreach_clamp_max_(clipped, threshold)
+    foreach_sub_(ps, clipped)
 
 
-class WeightPenaltyCallback(Callback):
+class WeightPenaltyCallback(ParamCallback):
     """Elastic-net family weight penalty: ``λ1·Σ|w| + λ2/2·Σw²`` on the selected parameters.
+
+    The selection is resolved again whenever what is trainable changes (``BackboneFinetuning``,
+    ``optimizer.add_param_group``), so newly trainable weights are penalized from that step.
 
     Args:
         l1: λ1 >= 0, the L1 strength.
@@ -152,12 +194,12 @@ class WeightPenaltyCallback(Callback):
             instead of adding ``λ1·sign(w)`` to the gradient.
         decoupled: apply the L2 part as ``w ← w·(1 − lr·λ2)`` before each update (AdamW style)
             instead of adding ``λ2·w`` to the gradient.
-        params: ``"weights"`` (ndim >= 2, no norm layers), ``"all"`` or a ``ParamSelection``.
+        params: ``"weights"`` (the library's no-decay rule), ``"all"`` or a ``ParamSelection``.
         name: the technique name in logged keys ``reg/<name>/...``.
 
     Raises:
         ValueError: for negative, NaN or infinite strengths, or an unknown ``params`` preset.
-        RuntimeError: at fit start, if the selection matches no parameter.
+        RuntimeError: at fit start, if the selection matches no parameter of an optimizer.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[WeightPenaltyCallback(l1=1e-5, l2=1e-4)])
@@ -179,7 +221,6 @@ class WeightPenaltyCallback(Callback):
         params: str | ParamSelection = "weights",
         name: str = "elastic_net",
     ) -> None:
-        super().__init__()
         self.l1 = check_non_negative("l1", l1)
         self.l2 = check_non_negative("l2", l2)
         if proximal and not self.l1:
@@ -188,14 +229,8 @@ class WeightPenaltyCallback(Callback):
             raise ValueError("`decoupled=True` needs an L2 strength `l2` > 0, got l2=0")
         self.proximal = bool(proximal)
         self.decoupled = bool(decoupled)
-        self.selection = ParamSelection.coerce(params)
         self.name = name
-        self._params: list[nn.Parameter] = []
-        self._by_optimizer: dict[int, list[tuple[dict, list[torch.Tensor]]]] = {}
-        self._hooks = OptimizerStepHooks(
-            before_step=self._decay_before_step if self.decoupled else None,
-            after_step=self._prox_after_step if self.proximal else None,
-        )
+        super().__init__(params, before_step=self.decoupled, after_step=self.proximal)
 
     @property
     def state_key(self) -> str:
@@ -203,36 +238,15 @@ class WeightPenaltyCallback(Callback):
             l1=self.l1, l2=self.l2, proximal=self.proximal, decoupled=self.decoupled
         )
 
-    # -- what happens at each real step ---------------------------------------------------
-
-    def _groups(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict, list[torch.Tensor]]]:
-        return self._by_optimizer.get(id(optimizer), [])
-
-    def _decay_before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for group, tensors in self._groups(optimizer):
-            with_grad = [p for p in tensors if p.grad is not None]
-            decay_weights_(with_grad, 1.0 - group["lr"] * self.l2)
-
-    def _prox_after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for group, tensors in self._groups(optimizer):
-            soft_threshold_(tensors, group["lr"] * self.l1)
-
-    # -- Lightning hooks ------------------------------------------------------------------
+    @override
+    def before_step(self, groups: list[Group]) -> None:
+        for group, tensors in groups:
+            decay_weights_([p for p in tensors if p.grad is not None], 1.0 - group["lr"] * self.l2)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refuse_strategies(
-            trainer,
-            type(self).__name__,
-            FLAT_SHARDED,
-            "it needs each parameter with its own shape, and this strategy flattens or "
-            "partitions them (ModelParallelStrategy/FSDP2 is supported)",
-        )
-        self._params = self.selection.parameters(pl_module)
-        self._by_optimizer = groups_by_optimizer(
-            self._params, real_optimizers(trainer.optimizers), type(self).__name__
-        )
-        self._hooks.attach(trainer.optimizers)
+    def after_step(self, groups: list[Group]) -> None:
+        for group, tensors in groups:
+            soft_threshold_(tensors, group["lr"] * self.l1)
 
     @override
     def on_before_optimizer_step(
@@ -240,11 +254,9 @@ class WeightPenaltyCallback(Callback):
     ) -> None:
         l1 = 0.0 if self.proximal else self.l1
         l2 = 0.0 if self.decoupled else self.l2
-        if not (l1 or l2):
-            return
-        (opt,) = real_optimizers([optimizer])
-        for _, tensors in self._groups(opt):
-            add_penalty_grad_(tensors, l1=l1, l2=l2)
+        if l1 or l2:
+            for _, tensors in self.groups(optimizer):
+                add_penalty_grad_(tensors, l1=l1, l2=l2)
 
     @override
     def on_train_batch_end(
@@ -255,23 +267,16 @@ class WeightPenaltyCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not is_logging_step(trainer) or not self._params:
+        if not is_logging_step(trainer):
             return
-        with torch.no_grad():
-            tensors = [p.detach() for p in self._params]
-            values: dict[str, torch.Tensor] = {
-                f"reg/{self.name}/penalty": elastic_net_penalty(tensors, self.l1, self.l2)
-            }
-            if self.l1:
-                numel = sum(t.numel() for t in tensors)
-                nonzero = _norm_sum(tensors, 0)  # ‖t‖_0 counts the non-zero entries
-                values[f"reg/{self.name}/zero_fraction"] = 1.0 - nonzero / numel
+        tensors = [s.param.detach() for s in self.selected(pl_module)]
+        if not tensors:
+            return
+        values = {f"reg/{self.name}/penalty": elastic_net_penalty(tensors, self.l1, self.l2)}
+        if self.l1:  # ‖t‖_0 counts the non-zero entries
+            numel = sum(t.numel() for t in tensors)
+            values[f"reg/{self.name}/zero_fraction"] = 1.0 - _norm_sum(tensors, 0) / numel
         log_scalars(pl_module, values)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._hooks.detach()
-        self._by_optimizer = {}
 
 
 class L2Callback(WeightPenaltyCallback):

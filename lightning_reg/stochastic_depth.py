@@ -14,10 +14,10 @@ runs the block only on the kept rows (``index_select``, then ``index_put`` back)
 Unlike torchvision's ``StochasticDepth`` and timm's ``DropPath`` (which compute the block and
 multiply it by a mask), a dropped block costs nothing. It still runs under plain
 ``strategy="ddp"`` (``find_unused_parameters=False``): a dropped block passes ``x`` through a tiny
-autograd function that takes the block's parameters and gives them an exact zero gradient, so
-every parameter is in the graph on every rank (the same zero gradient that mask-multiply
-produces). :class:`StochasticDepthCallback` also draws the batch-mode decisions from a generator
-that is identical on all ranks, so all ranks skip the same blocks and none waits for another.
+autograd function that gives the block's parameters an exact zero gradient, so every parameter
+is in the graph on every rank (the same zero gradient that mask-multiply produces).
+:class:`StochasticDepthCallback` draws the batch-mode decisions from a stream that is identical
+on all ranks, so all ranks skip the same blocks and none waits for another.
 See ``docs/stochastic-depth.md``.
 
 The pure functions come first (no Lightning needed); :class:`StochasticDepthCallback` is below.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,6 +37,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_reg.core.logging import is_logging_step, log_scalars
+from lightning_reg.core.random import CallbackRNG
 from lightning_reg.core.strategies import ALL_SHARDED, refuse_strategies
 from lightning_reg.core.surgery import (
     ModuleChange,
@@ -45,6 +46,7 @@ from lightning_reg.core.surgery import (
     hide_wrapper_level,
     replace_modules,
     restore_modules,
+    training_flags_restored,
 )
 from lightning_reg.core.validation import check_choice, check_int, check_probability
 
@@ -52,8 +54,8 @@ __all__ = [
     "StochasticDepthCallback",
     "StochasticDepthWrapper",
     "apply_stochastic_depth",
-    "default_block_types",
     "expected_depth",
+    "is_residual_block",
     "remove_stochastic_depth",
     "sample_keep",
     "stochastic_depth",
@@ -63,6 +65,12 @@ __all__ = [
 _MODES = ("batch", "row")
 _SCHEDULES = ("linear", "uniform")
 _LOG_PREFIX = "reg/stochastic_depth"
+_TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+#: Names of the layer stacks of Hugging Face and timm models (``encoder.layer``, ``h``, ...).
+_LAYER_STACKS = ("layer", "layers", "h", "blocks", "block")
+#: torch transformer masks of shape ``(L, S)``: one for the whole batch, never sliced.
+_SHARED_MASKS = ("src_mask", "tgt_mask", "memory_mask")
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +113,10 @@ def sample_keep(
     The decisions live on the host on purpose: whether a block runs is a Python-level choice,
     and a host tensor gives it without a device synchronisation. ``generator`` is a CPU
     ``torch.Generator`` (``None``: torch's global CPU RNG, seeded by ``seed_everything``).
+
+    Example:
+        >>> sample_keep(1.0, 3)
+        tensor([True, True, True])
     """
     shape = () if batch_size is None else (batch_size,)
     return torch.rand(shape, generator=generator) < survival_prob
@@ -125,12 +137,9 @@ class _TouchParams(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         zero: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        grads = []
-        for shape, dtype, device in ctx.param_meta:
-            if (dtype, device) not in zero:
-                zero[dtype, device] = torch.zeros((), dtype=dtype, device=device)
-            grads.append(zero[dtype, device].expand(shape))
-        return (grad, *grads)
+        for _, dtype, device in ctx.param_meta:
+            zero.setdefault((dtype, device), torch.zeros((), dtype=dtype, device=device))
+        return (grad, *(zero[d, dev].expand(s) for s, d, dev in ctx.param_meta))
 
 
 def _skip(x: torch.Tensor, block: Any) -> torch.Tensor:
@@ -139,129 +148,131 @@ def _skip(x: torch.Tensor, block: Any) -> torch.Tensor:
     if not torch.is_grad_enabled() or not isinstance(block, nn.Module):
         return x
     params = [p for p in block.parameters() if p.requires_grad]
-    if not params:
-        return x
-    return _TouchParams.apply(x, *params)
+    return _TouchParams.apply(x, *params) if params else x
 
 
-def _select_rows(value: Any, idx: torch.Tensor, dim: int) -> Any:
-    return value.index_select(dim, idx) if isinstance(value, torch.Tensor) else value
+def _hidden(block: Any, x: torch.Tensor, y: Any) -> torch.Tensor:
+    """The hidden state of a block's output ``y`` (a tensor, or the first item of the tuple that
+    some Hugging Face versions return), checked to have the shape of ``x``."""
+    h = y[0] if isinstance(y, (tuple, list)) and y else y
+    if not isinstance(h, torch.Tensor) or h.shape != x.shape:
+        got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+        raise RuntimeError(
+            f"Stochastic depth only wraps shape-preserving blocks, but {type(block).__name__} "
+            f"maps an input of shape {tuple(x.shape)} to {got}. Do not wrap it: leave its type "
+            "out of `block_types` (a block with a `downsample` is skipped for you)."
+        )
+    return h
+
+
+def _with_hidden(y: Any, h: torch.Tensor) -> Any:
+    """``y`` with its hidden state replaced by ``h``; the other outputs pass through."""
+    return (h, *y[1:]) if isinstance(y, (tuple, list)) else h
+
+
+def _rows(value: Any, idx: torch.Tensor, dim: int, size: int, name: str = "") -> Any:
+    """``value`` restricted to the kept rows if it is batch-shaped (``size`` along the batch
+    dim; a ``*padding_mask`` is batch-first), else unchanged (a broadcast mask, an int)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, idx, dim, size) for v in value)
+    if not isinstance(value, torch.Tensor) or name in _SHARED_MASKS:
+        return value
+    d = 0 if name.endswith("padding_mask") or value.dim() <= dim else dim
+    return value.index_select(d, idx) if value.shape[d] == size else value
+
+
+def _rescale(x: torch.Tensor, h: torch.Tensor, survival_prob: float) -> torch.Tensor:
+    """``x + (h - x) / p`` (one fused ``lerp`` kernel when the dtypes agree)."""
+    if survival_prob == 1.0:
+        return h
+    if x.dtype == h.dtype:
+        return torch.lerp(x, h, 1.0 / survival_prob)
+    return x + (h - x) / survival_prob
 
 
 def stochastic_depth(
-    block: Callable[..., torch.Tensor],
+    block: Any,
     x: torch.Tensor,
     keep: torch.Tensor | bool,
     survival_prob: float,
     *args: Any,
     batch_dim: int = 0,
-    row_args: Callable[[tuple, dict, torch.Tensor], tuple[tuple, dict]] | None = None,
     **kwargs: Any,
-) -> torch.Tensor:
+) -> Any:
     """Apply one stochastic-depth step to ``block`` with fixed decisions ``keep``.
+
+    In row mode the extra arguments that are batch-shaped (same size as ``x`` along
+    ``batch_dim``; attention masks, position ids, encoder states, given by position or keyword,
+    also inside tuples) are sliced to the kept rows with ``x``. A block with a BatchNorm in
+    training mode that keeps exactly one row is computed on the whole batch and masked (a
+    BatchNorm cannot normalise a single row), which gives the same unbiased output.
 
     Args:
         block: a shape-preserving callable ``block(x, *args, **kwargs)``; if it is an
-            ``nn.Module``, its parameters are kept in the autograd graph when it is skipped.
+            ``nn.Module``, its parameters are kept in the autograd graph when it is skipped. It
+            may return a tensor or a tuple whose first item is the hidden state.
         x: the block input (the residual is on this argument).
         keep: ``True``/``False`` or a 0-d bool tensor (whole batch), or a bool tensor of shape
             ``(B,)`` with one decision per sample along ``batch_dim`` (row mode).
         survival_prob: ``p`` in ``(0, 1]``, used for the inverted scaling.
         batch_dim: the batch dimension of ``x`` (row mode).
-        row_args: in row mode, ``fn(args, kwargs, kept_idx) -> (args, kwargs)`` that selects the
-            kept rows of batched extra arguments. ``None``: extra tensor arguments are refused.
 
     Returns:
-        ``x`` where dropped, ``x + (block(x) - x) / p`` where kept.
+        ``x`` where dropped, ``x + (block(x) - x) / p`` where kept (as the hidden state of the
+        block's tuple output if it returns one).
 
     Raises:
-        RuntimeError: if the block's output shape differs from its input's, or row mode meets
-            an extra tensor argument it does not know how to slice.
+        RuntimeError: if the block's output shape differs from its input's, or ``keep`` does
+            not match the batch size.
+
+    Example:
+        >>> stochastic_depth(nn.Identity(), torch.ones(2), False, 0.5)
+        tensor([1., 1.])
     """
     if isinstance(keep, torch.Tensor) and keep.dim() == 0:
-        keep = bool(keep.cpu())  # a host tensor in practice: no device sync
+        keep = bool(keep)  # a host tensor in practice: no device sync
     if isinstance(keep, bool):
         if not keep:
             return _skip(x, block)
         y = block(x, *args, **kwargs)
-        _check_shape(block, x, y)
-        return _rescale(x, y, survival_prob)
+        return _with_hidden(y, _rescale(x, _hidden(block, x, y), survival_prob))
     keep = keep.cpu()
-    if keep.dim() != 1 or keep.shape[0] != x.shape[batch_dim]:
+    size = x.shape[batch_dim]
+    if keep.dim() != 1 or keep.shape[0] != size:
         raise RuntimeError(
-            f"Row-mode keep decisions must have shape ({x.shape[batch_dim]},) (the batch size "
-            f"along dim {batch_dim}), got {tuple(keep.shape)}."
+            f"Row-mode keep decisions must have shape ({size},) (the batch size along dim "
+            f"{batch_dim}), got {tuple(keep.shape)}."
         )
     kept_idx = keep.nonzero().squeeze(1)
     n_kept = kept_idx.numel()
     if n_kept == 0:
         return _skip(x, block)
-    if n_kept == keep.shape[0]:
+    if n_kept == size or (n_kept == 1 and _has_training_batch_norm(block)):
         y = block(x, *args, **kwargs)
-        _check_shape(block, x, y)
-        return _rescale(x, y, survival_prob)
+        h = _hidden(block, x, y)
+        if n_kept < size:  # the one-row BatchNorm case: mask the full compute
+            shape = [1] * x.dim()
+            shape[batch_dim] = size
+            mask = keep.to(x.device, h.dtype).view(shape)
+            return _with_hidden(y, x + mask * (h - x) / survival_prob)
+        return _with_hidden(y, _rescale(x, h, survival_prob))
     idx = kept_idx.to(x.device, non_blocking=True)
-    if row_args is not None:
-        args, kwargs = row_args(args, kwargs, idx)
-    elif any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):
-        raise RuntimeError(
-            f"Row-mode stochastic depth runs {type(block).__name__} on the kept rows only and "
-            "cannot know how to slice its extra tensor arguments. Use mode='batch' for this "
-            "block, or call it with a single tensor."
-        )
+    args = _rows(args, idx, batch_dim, size)
+    kwargs = {k: _rows(v, idx, batch_dim, size, k) for k, v in kwargs.items()}
     x_kept = x.index_select(batch_dim, idx)
-    y_kept = block(x_kept, *args, **kwargs)
-    _check_shape(block, x_kept, y_kept)
-    # Kept rows become lerp(x, y, 1/p) = x + (y - x) / p; ``index_put`` with unique indices
+    y = block(x_kept, *args, **kwargs)
+    h = _hidden(block, x_kept, y)
+    # Kept rows become lerp(x, h, 1/p) = x + (h - x) / p; ``index_put`` with unique indices
     # saves only the indices for backward (``index_add`` would also save its source rows).
-    dtype = torch.promote_types(x.dtype, y_kept.dtype)
-    rows = torch.lerp(x_kept.to(dtype), y_kept.to(dtype), 1.0 / survival_prob)
+    dtype = torch.promote_types(x.dtype, h.dtype)
+    rows = torch.lerp(x_kept.to(dtype), h.to(dtype), 1.0 / survival_prob)
     out = x.to(dtype).movedim(batch_dim, 0).index_put((idx,), rows.movedim(batch_dim, 0))
-    return out.movedim(0, batch_dim)
+    return _with_hidden(y, out.movedim(0, batch_dim))
 
 
-def _rescale(x: torch.Tensor, y: torch.Tensor, survival_prob: float) -> torch.Tensor:
-    """``x + (y - x) / p`` (one fused ``lerp`` kernel when the dtypes agree)."""
-    if survival_prob == 1.0:
-        return y
-    if x.dtype == y.dtype:
-        return torch.lerp(x, y, 1.0 / survival_prob)
-    return x + (y - x) / survival_prob
-
-
-def _check_shape_on_meta(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Check that ``block`` preserves the shape of ``x`` by running it on the meta device.
-
-    Returns whether the check ran. An op without a meta kernel makes it return ``False``: the
-    check then happens the first time the block really runs (it always checks the shape).
-    """
-
-    def meta(value: Any) -> Any:
-        return value.to("meta") if isinstance(value, torch.Tensor) else value
-
-    state = {name: meta(t) for name, t in (*block.named_parameters(), *block.named_buffers())}
-    try:
-        with torch.no_grad():
-            y = torch.func.functional_call(
-                block,
-                state,
-                tuple(meta(a) for a in (x, *args)),
-                {k: meta(v) for k, v in kwargs.items()},
-            )
-    except Exception:  # no meta kernel: verified on the block's first real run instead
-        return False
-    _check_shape(block, x, y)
-    return True
-
-
-def _check_shape(block: Any, x: torch.Tensor, y: Any) -> None:
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise RuntimeError(
-            f"Stochastic depth only wraps shape-preserving blocks, but {type(block).__name__} "
-            f"maps an input of shape {tuple(x.shape)} to {got}. Do not wrap it: leave its type "
-            "out of `block_types` (a torchvision block with a `downsample` is skipped for you)."
-        )
+def _has_training_batch_norm(block: Any) -> bool:
+    modules = block.modules() if isinstance(block, nn.Module) else ()
+    return any(isinstance(m, _BATCH_NORMS) and m.training for m in modules)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,75 +280,38 @@ def _check_shape(block: Any, x: torch.Tensor, y: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _transformer_batch_dim(block: nn.Module) -> int | None:
-    if isinstance(block, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return 0 if block.self_attn.batch_first else 1
-    return None
-
-
-def _transformer_row_args(batch_dim: int) -> Callable[[tuple, dict, torch.Tensor], tuple]:
-    """Row slicing of the extra arguments of ``nn.Transformer{Encoder,Decoder}Layer``."""
-
-    def select(args: tuple, kwargs: dict, idx: torch.Tensor) -> tuple[tuple, dict]:
-        # Positional: the decoder's ``memory`` (batched like x); anything else is refused.
-        new_args = list(args)
-        if new_args:
-            new_args[0] = _select_rows(new_args[0], idx, batch_dim)
-        for extra in new_args[1:]:
-            if isinstance(extra, torch.Tensor):
-                raise RuntimeError(
-                    "Row-mode stochastic depth supports transformer layers called with masks as "
-                    "keyword arguments only. Use mode='batch', or pass the masks by keyword."
-                )
-        new_kwargs = dict(kwargs)
-        for key, value in kwargs.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            if key == "memory":
-                new_kwargs[key] = _select_rows(value, idx, batch_dim)
-            elif key.endswith("key_padding_mask"):
-                new_kwargs[key] = _select_rows(value, idx, 0)
-            elif key.endswith("mask") and value.dim() == 2:
-                pass  # (L, S) masks are shared by every sample
-            else:
-                raise RuntimeError(
-                    f"Row-mode stochastic depth cannot slice the transformer argument {key!r} of "
-                    f"shape {tuple(value.shape)} by sample. Use mode='batch' for these layers."
-                )
-        return tuple(new_args), new_kwargs
-
-    return select
-
-
 class StochasticDepthWrapper(SurgeryWrapper):
     """Wrap a shape-preserving residual block so that training drops it at random.
 
     Dropped, the wrapper returns ``x`` without computing the block. Kept, it returns
     ``x + (block(x) - x) / p``. In eval mode it returns ``block(x)`` exactly. Extra positional and
-    keyword arguments go to the block unchanged; the residual is on the first argument (so a
-    ``TransformerDecoderLayer(tgt, memory)`` works). Attributes the wrapper does not have are
-    looked up on the block (``wrapper.self_attn`` is ``block.self_attn``), and the state dict
-    has the block's own keys (no extra ``block.`` level), so checkpoints of the wrapped and of
-    the plain model load into each other.
+    keyword arguments go to the block (sliced to the kept rows in row mode, see
+    :func:`stochastic_depth`); the residual is on the first argument (so a
+    ``TransformerDecoderLayer(tgt, memory)`` works). A block that returns a tuple (some Hugging
+    Face versions) has its first item dropped or scaled and the rest passed through; dropped, it
+    returns ``None`` for the rest. The state dict has the block's own keys (no extra ``block.``
+    level), so checkpoints of the wrapped and of the plain model load into each other; the
+    block itself is ``wrapper.block``.
 
-    Every time the block runs, its output shape is checked against its input's. If the very
-    first forward skips the block, the check runs on the ``meta`` device instead (shapes only:
-    no compute, no change to real buffers), so a block that is not shape-preserving fails at
-    its first forward whatever the draw.
+    The output shape is checked against the input's the first time the block runs. If the very
+    first training forward drops it, the block runs once in eval mode without gradients to check
+    it (no change to BatchNorm statistics), so a block that is not shape-preserving fails at its
+    first forward whatever the draw.
 
     In ``mode="row"``, a BatchNorm inside the block sees only the kept rows, so its batch
-    statistics come from fewer samples.
+    statistics come from fewer samples (from the whole batch when a single row is kept).
 
     Args:
         block: the residual block, ``block(x) = x + f(x)`` with the output shaped like ``x``.
         survival_prob: probability ``p`` in ``(0, 1]`` that the block is computed.
         mode: ``"batch"`` (one decision per forward) or ``"row"`` (one per sample).
         batch_dim: the batch dimension of the input in row mode; ``None`` picks 0 (1 for a
-            transformer layer with ``batch_first=False``).
+            torch transformer layer with ``batch_first=False``).
 
     Raises:
         ValueError: if ``survival_prob`` is outside ``(0, 1]`` (NaN included), ``mode`` is
             unknown or ``batch_dim`` is negative.
+        TypeError: if ``block`` is not an ``nn.Module``.
         RuntimeError: during a forward, if the block is not shape-preserving.
 
     Example:
@@ -365,23 +339,21 @@ class StochasticDepthWrapper(SurgeryWrapper):
         self.block = block
         self.survival_prob = check_probability("survival_prob", survival_prob, allow_zero=False)
         self.mode: str = check_choice("mode", mode, _MODES)
-        auto_dim = _transformer_batch_dim(block)
         if batch_dim is None:
-            batch_dim = 0 if auto_dim is None else auto_dim
+            seq_first = isinstance(block, _TORCH_LAYERS) and not block.self_attn.batch_first
+            batch_dim = 1 if seq_first else 0
         self.batch_dim = check_int("batch_dim", batch_dim, minimum=0)
-        self._row_args = None if auto_dim is None else _transformer_row_args(self.batch_dim)
         #: CPU generator for the decisions (``None``: torch's global CPU RNG).
         self.generator: torch.Generator | None = None
         #: ``(l, L)``: position among the candidate blocks, set by :func:`apply_stochastic_depth`.
         self.depth_position: tuple[int, int] | None = None
-        self._verified = False
-        self.train(block.training)  # a new module starts in training mode; follow the block
-        # The state dict keeps the unwrapped model's keys (no ``block.`` level), so checkpoints
-        # load both ways: into the wrapped and into the plain model.
-        hide_wrapper_level(self, "block")
-        # Decisions drawn and dropped since the last reset (block-level or row-level).
+        #: Decisions drawn and dropped since the last :meth:`reset_counts` (blocks or rows).
         self.drawn = 0
         self.dropped = 0
+        self._verified = False
+        self._arity: int | None = None  # length of the block's tuple output; None: a tensor
+        self.train(block.training)  # a new module starts in training mode; follow the block
+        hide_wrapper_level(self, "block")
 
     def unwrap(self) -> nn.Module:
         """The original block (the very same object)."""
@@ -389,29 +361,23 @@ class StochasticDepthWrapper(SurgeryWrapper):
 
     def reset_counts(self) -> None:
         """Zero the drawn/dropped counters (the callback does it each step)."""
-        self.drawn = 0
-        self.dropped = 0
+        self.drawn = self.dropped = 0
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            block = self.__dict__.get("_modules", {}).get("block")
-            if block is None or name.startswith("__"):
-                raise
-            return getattr(block, name)
+    def _seen(self, x: torch.Tensor, y: Any) -> Any:
+        """Check the block's first output and remember whether it returns a tuple."""
+        if not self._verified:
+            _hidden(self.block, x, y)
+            self._verified = True
+        self._arity = len(y) if isinstance(y, (tuple, list)) else None
+        return y
 
     @override
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.training or self.survival_prob == 1.0:
-            y = self.block(x, *args, **kwargs)
-            if not self._verified:
-                _check_shape(self.block, x, y)
-                self._verified = True
-            return y
+            return self._seen(x, self.block(x, *args, **kwargs))
         keep: bool | torch.Tensor
         if self.mode == "batch":
-            keep = bool(sample_keep(self.survival_prob, generator=self.generator))
+            keep = torch.rand((), generator=self.generator).item() < self.survival_prob
             n, n_kept = 1, int(keep)
         else:
             keep = sample_keep(
@@ -420,46 +386,64 @@ class StochasticDepthWrapper(SurgeryWrapper):
             n, n_kept = keep.shape[0], int(keep.sum())  # a host tensor: no device sync
         self.drawn += n
         self.dropped += n - n_kept
-        if n_kept == 0 and not self._verified:
-            self._verified = _check_shape_on_meta(self.block, x, args, kwargs)
-        out = stochastic_depth(
-            self.block,
-            x,
-            keep,
-            self.survival_prob,
-            *args,
-            batch_dim=self.batch_dim,
-            row_args=self._row_args,
-            **kwargs,
+        if n_kept == 0:
+            if not self._verified:  # check the shape once, without touching BN statistics
+                with torch.no_grad(), training_flags_restored(self.block):
+                    self._seen(x, self.block.eval()(x, *args, **kwargs))
+            out = _skip(x, self.block)
+            return out if self._arity is None else (out, *[None] * (self._arity - 1))
+        y = stochastic_depth(
+            self.block, x, keep, self.survival_prob, *args, batch_dim=self.batch_dim, **kwargs
         )
-        if n_kept:
-            self._verified = True  # the block ran, and stochastic_depth checked its shape
-        return out
+        self._verified = True  # stochastic_depth checked the shape
+        self._arity = len(y) if isinstance(y, (tuple, list)) else None
+        return y
 
     @override
     def extra_repr(self) -> str:
         return f"survival_prob={self.survival_prob:.4g}, mode={self.mode!r}"
 
 
-def default_block_types() -> tuple[type[nn.Module], ...]:
-    """The block types wrapped by default: torchvision's ``BasicBlock`` and ``Bottleneck``
-    (when torchvision is installed; those with a ``downsample`` are skipped) and
-    ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``."""
-    types: list[type[nn.Module]] = []
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck
+def is_residual_block(
+    module: nn.Module, stack: nn.Module | None = None, stack_name: str = ""
+) -> bool:
+    """Whether stochastic depth wraps ``module`` by default, judged by its structure.
 
-        types += [BasicBlock, Bottleneck]
-    except ImportError:  # torchvision is optional
-        pass
-    return (*types, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    A block is a candidate if it is a torch transformer layer, or an element of an
+    ``nn.Sequential``/``nn.ModuleList`` ``stack`` (the attribute ``stack_name`` of its parent)
+    that looks like a residual block:
+
+    * it has a ``downsample`` attribute (torchvision's and timm's ResNet blocks) or a
+      ``drop_path*`` attribute (timm puts ``DropPath`` on residual branches only: ViT ``Block``,
+      ``ConvNeXtBlock``, ...);
+    * or it holds an attention module and sits in a layer stack named ``layer``, ``layers``,
+      ``h``, ``blocks`` or ``block`` (Hugging Face Bert/ViT/GPT-2/Llama/T5 layers, timm blocks).
+
+    Whether a candidate is then *wrapped* is decided by :func:`apply_stochastic_depth` (a
+    non-``None`` ``downsample`` means a shape change: not wrapped).
+
+    Example:
+        >>> layers = nn.ModuleList([nn.TransformerEncoderLayer(8, 2, 16)])
+        >>> is_residual_block(layers[0], layers, "layers")
+        True
+    """
+    if isinstance(module, _TORCH_LAYERS):
+        return True
+    if not isinstance(stack, (nn.Sequential, nn.ModuleList)):
+        return False
+    attrs = set(vars(module)) | set(dict(module.named_children()))
+    if "downsample" in attrs or any(a.startswith("drop_path") for a in attrs):
+        return True
+    return stack_name in _LAYER_STACKS and any(
+        "attention" in type(m).__name__.lower() for m in module.modules() if m is not module
+    )
 
 
 def _resolve_block_types(
     block_types: Sequence[type[nn.Module] | str] | None,
-) -> tuple[type[nn.Module], ...]:
+) -> tuple[type[nn.Module], ...] | None:
     if block_types is None:
-        return default_block_types()
+        return None
     if isinstance(block_types, (str, type)):
         block_types = [block_types]
     resolved: list[type[nn.Module]] = []
@@ -484,34 +468,27 @@ def _resolve_block_types(
     return tuple(resolved)
 
 
-def _is_wrappable(module: nn.Module) -> bool:
-    """Known-shape rule: a torchvision ResNet block is shape-preserving iff it has no
-    ``downsample``. Other types are checked at their first forward."""
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck
-    except ImportError:
-        return True
-    if isinstance(module, (BasicBlock, Bottleneck)):
-        return getattr(module, "downsample", None) is None
-    return True
-
-
 def _candidates(
-    model: nn.Module, types: tuple[type[nn.Module], ...]
-) -> list[tuple[str, nn.Module, bool]]:
-    """Candidate blocks ``(path, module, wrappable)`` in depth (registration) order, walking
-    the tree as :func:`replace_modules` does (a block that will be wrapped is not entered)."""
-    found: list[tuple[str, nn.Module, bool]] = []
+    model: nn.Module, types: tuple[type[nn.Module], ...] | None
+) -> list[tuple[nn.Module, bool]]:
+    """Candidate blocks ``(module, wrappable)`` in depth (registration) order. A block with a
+    non-``None`` ``downsample`` changes the shape: it is not wrappable, but counts in ``L``
+    unless it holds candidates itself (then it is a stage, such as timm's ``ConvNeXtStage``)."""
+    found: list[tuple[nn.Module, bool]] = []
 
-    def visit(module: nn.Module, prefix: str) -> None:
-        for name, child in module.named_children():
-            path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, types):
-                wrappable = _is_wrappable(child)
-                found.append((path, child, wrappable))
-                if wrappable:
-                    continue
-            visit(child, path)
+    def visit(parent: nn.Module, parent_name: str) -> None:
+        for name, child in parent.named_children():
+            if types is not None:
+                candidate = isinstance(child, types)
+            else:
+                candidate = is_residual_block(child, parent, parent_name)
+            if candidate and getattr(child, "downsample", None) is None:
+                found.append((child, True))
+                continue
+            before = len(found)
+            visit(child, name)
+            if candidate and len(found) == before:
+                found.append((child, False))
 
     visit(model, "")
     return found
@@ -525,18 +502,21 @@ def apply_stochastic_depth(
     schedule: str = "linear",
     mode: str = "batch",
 ) -> list[ModuleChange]:
-    """Wrap every shape-preserving block of ``model`` in a :class:`StochasticDepthWrapper`.
+    """Wrap every shape-preserving residual block of ``model`` in a
+    :class:`StochasticDepthWrapper`.
 
-    Blocks are the submodules of ``block_types`` (default :func:`default_block_types`), in
-    registration order, which is taken as depth order. All ``L`` of them count for the
-    schedule: block ``l`` gets ``p_l = 1 - (l / L)(1 - p_L)``; a torchvision block with a
-    ``downsample`` keeps its place in the count but is not wrapped (it always runs).
+    Blocks are found by structure (:func:`is_residual_block`: torchvision and timm ResNet
+    blocks, timm ViT/ConvNeXt blocks, Hugging Face transformer layers, torch transformer layers),
+    or are the submodules of ``block_types``, in registration order, which is taken as depth
+    order. All ``L`` of them count for the schedule: block ``l`` gets ``p_l = 1 - (l / L)(1 -
+    p_L)``; a block with a ``downsample`` keeps its place in the count but is not wrapped (it
+    always runs). Blocks inside a wrapped block are not wrapped again.
 
     Args:
         model: changed in place.
         survival_prob_last: ``p_L`` in ``(0, 1]``.
-        block_types: types (or import paths such as
-            ``"timm.models.vision_transformer.Block"``) of the blocks to wrap.
+        block_types: types (or import paths such as ``"mypackage.models.ResBlock"``) of the
+            blocks to wrap; ``None`` recognises residual blocks by structure.
         schedule: ``"linear"`` (Huang et al.) or ``"uniform"``.
         mode: ``"batch"`` or ``"row"``, see :class:`StochasticDepthWrapper`.
 
@@ -565,22 +545,17 @@ def apply_stochastic_depth(
             "remove_stochastic_depth(model) first, or do not apply it twice."
         )
     candidates = _candidates(model, types)
-    if not any(wrappable for _, _, wrappable in candidates):
-        present = sorted({type(m).__name__ for m in model.modules()})
-        wanted = ", ".join(t.__name__ for t in types)
+    if not any(wrappable for _, wrappable in candidates):
+        present = ", ".join(sorted({type(m).__name__ for m in model.modules()}))
+        wanted = "residual" if types is None else ", ".join(t.__name__ for t in types)
         skipped = f" ({len(candidates)} found, all with a downsample)" if candidates else ""
         raise RuntimeError(
-            f"Stochastic depth found no shape-preserving block of type {wanted} to wrap"
-            f"{skipped}. The model contains: {', '.join(present)}. Name your residual block "
-            "type in `block_types`."
+            f"Stochastic depth found no shape-preserving {wanted} block to wrap{skipped}. The "
+            f"model contains: {present}. Name your residual block type in `block_types`."
         )
-    probs = survival_probabilities(len(candidates), p_last, schedule)
-    plan = {
-        id(module): (k, prob)
-        for k, ((_, module, ok), prob) in enumerate(zip(candidates, probs, strict=True), 1)
-        if ok
-    }
     total = len(candidates)
+    probs = survival_probabilities(total, p_last, schedule)
+    plan = {id(m): (k, p) for k, ((m, ok), p) in enumerate(zip(candidates, probs), 1) if ok}
 
     def wrap(module: nn.Module, path: str) -> nn.Module | None:
         if id(module) not in plan:
@@ -590,11 +565,7 @@ def apply_stochastic_depth(
         wrapper.depth_position = (k, total)
         return wrapper
 
-    return replace_modules(
-        model,
-        dict.fromkeys(types, wrap),
-        refuse_if_contains=(StochasticDepthWrapper,),
-    )
+    return replace_modules(model, {nn.Module: wrap})
 
 
 def remove_stochastic_depth(model: nn.Module) -> list[ModuleChange]:
@@ -602,6 +573,12 @@ def remove_stochastic_depth(model: nn.Module) -> list[ModuleChange]:
 
     The original block objects are reinserted, so the module tree (and the state dict) is
     exactly the one before :func:`apply_stochastic_depth`.
+
+    Example:
+        >>> model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2)
+        >>> _ = apply_stochastic_depth(model)
+        >>> len(remove_stochastic_depth(model))
+        2
     """
     return restore_modules(model, StochasticDepthWrapper)
 
@@ -620,21 +597,6 @@ def expected_depth(model: nn.Module) -> float:
 # Lightning
 # --------------------------------------------------------------------------------------------
 
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """splitmix64 over ``values``: a fixed, platform-independent seed derivation."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value & _MASK64)) & _MASK64
-        state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state & ((1 << 63) - 1)
-
 
 class StochasticDepthCallback(pl.Callback):
     """Apply stochastic depth to the LightningModule's residual blocks and drive its randomness.
@@ -644,14 +606,14 @@ class StochasticDepthCallback(pl.Callback):
     with the same module finds the wrappers and leaves them. The change table is logged once at
     rank zero.
 
-    **Randomness and DDP.** The decisions come from the callback's own CPU generator, reseeded
-    at each training batch from ``(seed, stream, batch counter)``; ``seed`` and the counter are
-    in the callback's ``state_dict``, so a resumed run continues the same stream. ``seed``
-    defaults to rank zero's ``torch.initial_seed()``, broadcast at setup (so it follows
-    ``seed_everything``). In ``mode="batch"`` the stream is the same on every rank: all ranks
-    drop the same blocks, like a single process on the global batch, and no rank idles while
-    another computes a block. In ``mode="row"`` each rank has its own stream (its samples are
-    different). Skipped blocks pass their parameters an exact zero gradient, so plain
+    **Randomness and DDP.** The decisions come from a
+    :class:`~lightning_reg.core.random.CallbackRNG` stream: one CPU generator reseeded at each
+    training batch from ``(seed, batch counter)``, both in the callback's ``state_dict``, so a
+    resumed run continues the same stream. ``seed`` defaults to ``torch.initial_seed()`` (so it
+    follows ``seed_everything``). In ``mode="batch"`` the stream is rank zero's on every rank:
+    all ranks drop the same blocks, like a single process on the global batch, and no rank idles
+    while another computes a block. In ``mode="row"`` each rank has its own stream (its samples
+    are different). Skipped blocks pass their parameters an exact zero gradient, so plain
     ``strategy="ddp"`` with ``find_unused_parameters=False`` neither hangs nor diverges.
 
     Logs (on logging steps): ``reg/stochastic_depth/blocks`` (number wrapped),
@@ -662,14 +624,15 @@ class StochasticDepthCallback(pl.Callback):
     Args:
         survival_prob_last: ``p_L`` in ``(0, 1]``.
         block_types: import paths (``"timm.models.vision_transformer.Block"``) or types of the
-            blocks to wrap; ``None`` for :func:`default_block_types`.
+            blocks to wrap; ``None`` recognises residual blocks (:func:`is_residual_block`).
         schedule: ``"linear"`` or ``"uniform"``.
         mode: ``"batch"`` or ``"row"``.
-        seed: the base seed of the decisions; ``None`` for rank zero's ``torch.initial_seed()``.
+        seed: the base seed of the decisions; ``None`` for ``torch.initial_seed()``.
 
     Raises:
         ValueError: for a bad argument (``survival_prob_last`` outside ``(0, 1]`` or NaN, an
-            unknown ``schedule``/``mode``, a ``block_types`` entry that is not a module type).
+            unknown ``schedule``/``mode``, a ``block_types`` entry that is not a module type,
+            a negative ``seed``).
         RuntimeError: at setup, if the module has nothing to wrap or was wrapped by someone
             else.
 
@@ -698,12 +661,15 @@ class StochasticDepthCallback(pl.Callback):
         self.schedule: str = check_choice("schedule", schedule, _SCHEDULES)
         self.mode: str = check_choice("mode", mode, _MODES)
         self.block_types = _resolve_block_types(block_types)
-        self.seed: int | None = None if seed is None else check_int("seed", seed, minimum=0)
-        self.batches_seen = 0
+        seed = None if seed is None else check_int("seed", seed, minimum=0)
+        self.rng = CallbackRNG(seed, salt=0x5D, per_rank=self.mode == "row")
         self.changes: list[ModuleChange] = []
         self._wrappers: list[StochasticDepthWrapper] = []
-        self._generator = torch.Generator()
-        self._stream = 0
+
+    @property
+    def seed(self) -> int | None:
+        """The base seed of the decisions (set at ``setup`` when not given)."""
+        return self.rng.seed
 
     @property
     def wrappers(self) -> list[StochasticDepthWrapper]:
@@ -733,21 +699,15 @@ class StochasticDepthCallback(pl.Callback):
                 m for m in pl_module.modules() if isinstance(m, StochasticDepthWrapper)
             ]
             rank_zero_info(format_changes(self.changes, "Stochastic depth"))
-        if self.seed is None:
-            seed = torch.initial_seed() & ((1 << 63) - 1)
-            self.seed = int(trainer.strategy.broadcast(seed, src=0))
-        self._stream = 0 if self.mode == "batch" else trainer.global_rank + 1
-        for wrapper in self._wrappers:
-            wrapper.generator = self._generator
+        self.rng.setup(trainer)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        assert self.seed is not None
-        self._generator.manual_seed(_mix(self.seed, self._stream, self.batches_seen))
-        self.batches_seen += 1
+        generator, _ = self.rng.next(torch.device("cpu"))
         for wrapper in self._wrappers:
+            wrapper.generator = generator
             wrapper.reset_counts()
 
     @override
@@ -763,20 +723,18 @@ class StochasticDepthCallback(pl.Callback):
             return
         drawn = sum(w.drawn for w in self._wrappers)
         dropped = sum(w.dropped for w in self._wrappers)
-        device = pl_module.device
         values = {
-            f"{_LOG_PREFIX}/blocks": torch.tensor(float(len(self._wrappers)), device=device),
-            f"{_LOG_PREFIX}/expected_depth": torch.tensor(expected_depth(pl_module), device=device),
+            f"{_LOG_PREFIX}/blocks": float(len(self._wrappers)),
+            f"{_LOG_PREFIX}/expected_depth": expected_depth(pl_module),
         }
         if drawn:
-            values[f"{_LOG_PREFIX}/dropped_fraction"] = torch.tensor(dropped / drawn, device=device)
+            values[f"{_LOG_PREFIX}/dropped_fraction"] = dropped / drawn
         log_scalars(pl_module, values)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "batches_seen": self.batches_seen, "mode": self.mode}
+        return self.rng.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.seed = state_dict["seed"]
-        self.batches_seen = int(state_dict["batches_seen"])
+        self.rng.load_state_dict(state_dict)

@@ -28,7 +28,7 @@ from lightning_reg.augmentation import (
     TokenMasking,
     sample_crop_boxes,
 )
-from tests.distributed.scenarios_augmentation import RecordingModule, image_data
+from tests.helpers.models_rewriters import RecordingModule, image_data
 from tests.helpers.models import SmallCNN, list_loader, tiny_trainer
 
 FAST = settings(max_examples=20, deadline=None)

@@ -15,7 +15,7 @@ from hypothesis import strategies as hs
 from lightning_reg.core.schedules import LinearSchedule
 from lightning_reg.label_smoothing import LabelSmoothingCallback, smooth_labels
 from lightning_reg.mixing import CutMixCallback, MixUpCallback
-from tests.distributed.scenarios_augmentation import ParamRecorder, RecordingModule, image_data
+from tests.helpers.models_rewriters import ParamRecorder, RecordingModule, image_data
 from tests.helpers.models import SmallCNN, list_loader, tiny_trainer
 
 FAST = settings(max_examples=30, deadline=None)

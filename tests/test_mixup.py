@@ -12,25 +12,21 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as hs
-from scipy.special import expit
+from timm.data.mixup import mixup_target
 
+from lightning_reg.core.targets import to_soft_targets
+from lightning_reg.label_smoothing import LabelSmoothingCallback, smooth_labels
 from lightning_reg.mixing import (
     CutMixCallback,
     MixUpCallback,
     MixUpCutMixCallback,
-    _beta_logit,
     cutmix,
     cutmix_boxes,
     mixup,
-    sample_beta,
 )
-from tests.distributed.scenarios_augmentation import (
-    ParamRecorder,
-    RecordingModule,
-    fit_draws,
-    image_data,
-)
+from tests.distributed.scenarios_augmentation import fit_draws
 from tests.helpers.models import SmallCNN, list_loader, tiny_trainer
+from tests.helpers.models_rewriters import ParamRecorder, RecordingModule, image_data
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -79,37 +75,33 @@ def test_mixup_is_convex_pair_with_same_lambda_for_targets(b, d, lam, per_sample
     torch.testing.assert_close(y_mix.sum(1), torch.ones(b))
 
 
-@settings(max_examples=4, deadline=None)
-@given(alpha=hs.sampled_from([0.05, 0.2, 1.0, 4.0]), seed=hs.integers(0, 2**16))
-def test_beta_sampler_passes_ks_test(alpha, seed):
-    g = torch.Generator().manual_seed(seed)
-    # The logit is exact where float32 λ would round to 1 for tiny alpha.
-    logit = _beta_logit(alpha, alpha, (2000,), g, "cpu").double().numpy()
-    beta = st.beta(alpha, alpha)
-
-    def cdf(t):
-        return np.where(t < 0, beta.cdf(expit(np.minimum(t, 0))), beta.sf(expit(-np.maximum(t, 0))))
-
-    # symmetric Beta: P(logit <= t) = 1 - F(expit(-t)) = sf(expit(-t)) for t >= 0
-    assert st.kstest(logit, cdf).pvalue > 1e-3
-    lam = sample_beta(alpha, alpha, (2000,), generator=g, dtype=torch.float64).numpy()
-    if alpha >= 0.2:
-        assert st.kstest(lam, beta.cdf).pvalue > 1e-3
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 4.0])
+def test_per_sample_lambda_passes_ks_test_and_is_reproducible(alpha):
+    x, y = torch.randn(2000, 1), torch.zeros(2000, dtype=torch.long)
+    lams = []
+    for seed in (0, 0, 1):
+        cb = MixUpCallback(alpha, num_classes=2, mode="sample", seed=seed)
+        cb.mix_batch(x, y)
+        lams.append(cb.last_params["lam"])
+    assert st.kstest(lams[0].double().numpy(), st.beta(alpha, alpha).cdf).pvalue > 1e-3
+    assert torch.equal(lams[0], lams[1]) and not torch.equal(lams[0], lams[2])
 
 
-def test_beta_sampler_asymmetric_and_reproducible():
-    g = torch.Generator().manual_seed(3)
-    lam = sample_beta(0.5, 2.0, (3000,), generator=g, dtype=torch.float64).numpy()
-    assert st.kstest(lam, st.beta(0.5, 2.0).cdf).pvalue > 1e-3
-    a = sample_beta(0.3, 0.3, (5,), generator=torch.Generator().manual_seed(1))
-    b = sample_beta(0.3, 0.3, (5,), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
-def test_beta_rejects_bad_alpha(bad):
-    with pytest.raises(ValueError, match="alpha"):
-        sample_beta(bad, 1.0, (3,))
+@FAST
+@given(
+    b=hs.integers(2, 6),
+    k=hs.integers(2, 7),
+    lam=hs.floats(0.0, 1.0),
+    smoothing=hs.floats(0.0, 1.0),
+    seed=hs.integers(0, 999),
+)
+def test_smoothed_mixed_targets_match_timm_mixup_target(b, k, lam, smoothing, seed):
+    """Independent reference: timm's ``mixup_target`` (smooth, then mix with the flipped batch)."""
+    y = torch.randint(0, k, (b,), generator=torch.Generator().manual_seed(seed))
+    soft = to_soft_targets(y, k, smoothing=smoothing).double()
+    _, ours = mixup(torch.zeros(b, 1), soft, lam, torch.arange(b).flip(0))
+    ref = mixup_target(y, k, lam=lam, smoothing=smoothing).double()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 
 @FAST
@@ -144,13 +136,33 @@ def test_cutmix_target_weight_equals_pasted_pixel_fraction(h, w, lam, seed, per_
         assert 1 - li <= (1 - lam_t[i if per_sample else 0].item()) + 1e-6
 
 
+@pytest.mark.parametrize("size, lam", [(10, 0.5), (9, 0.3), (15, 0.6), (32, 0.75)])
+def test_cutmix_box_has_the_documented_size_for_odd_cuts(size, lam):
+    """Issue 10 #15: an unclipped box is exactly ⌊H·√(1−λ)⌋ wide (was 2·⌊cut/2⌋ for odd cuts)."""
+    cut = math.floor(size * math.sqrt(1 - lam))
+    boxes = cutmix_boxes(torch.full((2000,), lam), size, size, generator=torch.Generator())
+    y0, y1, x0, x1 = boxes.unbind(1)
+    inside_y = (y0 > 0) & (y1 < size)
+    inside_x = (x0 > 0) & (x1 < size)
+    assert inside_y.any() and inside_x.any()
+    assert torch.equal((y1 - y0)[inside_y], torch.full_like(y0[inside_y], cut))
+    assert torch.equal((x1 - x0)[inside_x], torch.full_like(x0[inside_x], cut))
+    assert bool(((y1 - y0) <= cut).all() and ((x1 - x0) <= cut).all())
+    # λ is the exact pasted area, also for the odd side
+    x = torch.arange(2, dtype=torch.float32).view(2, 1, 1, 1).expand(2, 1, size, size)
+    box = torch.tensor([[1, 1 + cut, 1, 1 + cut]])
+    x_mix, _, lam_exact = cutmix(x, torch.eye(2), box, torch.tensor([1, 0]))
+    assert int((x_mix[0] == 1).sum()) == cut * cut
+    assert lam_exact.item() == pytest.approx(1 - cut * cut / size**2)
+
+
 def test_cutmix_box_is_clipped_at_border():
     lam = torch.full((500,), 0.3)
     boxes = cutmix_boxes(lam, 10, 10, generator=torch.Generator().manual_seed(0))
     y0, y1, x0, x1 = boxes.unbind(1)
     assert bool((y0 >= 0).all() and (y1 <= 10).all() and (x0 >= 0).all() and (x1 <= 10).all())
     area = (y1 - y0) * (x1 - x0)
-    assert area.max() <= 64  # floor(10·√0.7) = 8: the unclipped box is 8×8
+    assert area.max() == 64  # floor(10·√0.7) = 8: the unclipped box is 8×8
     assert (area < area.max()).any(), "some boxes must be clipped at the border"
 
 
@@ -219,6 +231,8 @@ def test_p_zero_keeps_inputs_and_gives_one_hot_targets():
         x_mix, y_mix = cb.mix_batch(x, y)
         assert torch.equal(x_mix, x)
         assert torch.equal(y_mix, F.one_hot(y, 3).float())
+    smoothed = MixUpCallback(num_classes=3, p=0.0, label_smoothing=0.3).mix_batch(x, y)[1]
+    torch.testing.assert_close(smoothed, smooth_labels(y, 0.3, 3), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("switch_prob", [0.0, 1.0])
@@ -228,7 +242,9 @@ def test_switch_picks_mixup_or_cutmix(switch_prob, mode):
     x = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 1, 8, 8).clone()
     x = x + torch.rand(b, 1, 8, 8) * 0.01  # distinct pixels for the convex-pair check
     y = torch.arange(b)
-    cb = MixUpCutMixCallback(1.0, 1.0, num_classes=k, switch_prob=switch_prob, mode=mode, seed=2)
+    cb = MixUpCutMixCallback(
+        mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=k, switch_prob=switch_prob, mode=mode, seed=2
+    )
     x_mix, y_mix = cb.mix_batch(x, y)
     onehot = F.one_hot(y, k).float()
     if switch_prob == 0.0:
@@ -248,12 +264,32 @@ def test_switch_picks_mixup_or_cutmix(switch_prob, mode):
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, math.nan, math.inf])
 def test_alpha_out_of_range(bad):
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match=r"`alpha` must be a finite number in \(0"):
         MixUpCallback(bad, num_classes=3)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match=r"`alpha` must be a finite number in \(0"):
         CutMixCallback(bad, num_classes=3)
-    with pytest.raises(ValueError, match="mixup_alpha"):
-        MixUpCutMixCallback(bad, num_classes=3)
+    if bad != 0.0:  # 0 disables one method of the combined callback
+        with pytest.raises(ValueError, match=r"`mixup_alpha` must be"):
+            MixUpCutMixCallback(mixup_alpha=bad, num_classes=3)
+        with pytest.raises(ValueError, match=r"`cutmix_alpha` must be"):
+            MixUpCutMixCallback(cutmix_alpha=bad, num_classes=3)
+    with pytest.raises(ValueError, match="`mixup_alpha` or `cutmix_alpha` must be > 0"):
+        MixUpCutMixCallback(mixup_alpha=0.0, cutmix_alpha=0, num_classes=3)
+    with pytest.raises(ValueError, match=r"`label_smoothing` must be .*\[0, 1\]"):
+        MixUpCallback(num_classes=3, label_smoothing=1.5)
+
+
+def test_numpy_scalars_are_accepted():
+    """Issue 10: numpy scalars (e.g. from a sweep config) are valid hyperparameters."""
+    cb = MixUpCallback(np.float32(0.1), num_classes=np.int64(3), label_smoothing=np.float32(0.1))
+    assert cb.mixup_alpha == pytest.approx(0.1) and isinstance(cb.mixup_alpha, float)
+    assert cb.num_classes == 3 and isinstance(cb.num_classes, int)
+    both = MixUpCutMixCallback(
+        mixup_alpha=np.float64(0.2), cutmix_alpha=np.float32(1.0), num_classes=3, p=np.float32(0.5)
+    )
+    assert (both.mixup_alpha, both.cutmix_alpha, both.p) == pytest.approx((0.2, 1.0, 0.5))
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    assert both.mix_batch(x, y)[1].shape == (4, 3)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan])
@@ -261,16 +297,16 @@ def test_p_and_switch_prob_out_of_range(bad):
     # (core.validation words NaN as "must be a finite number"; ranges as "must be in [0, 1]")
     with pytest.raises(ValueError, match=rf"`p` must be .*{bad}"):
         MixUpCallback(num_classes=3, p=bad)
-    with pytest.raises(ValueError, match="switch_prob"):
+    with pytest.raises(ValueError, match=rf"`switch_prob` must be .*{bad}"):
         MixUpCutMixCallback(num_classes=3, switch_prob=bad)
 
 
 def test_other_construction_errors():
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="`num_classes` must be"):
         MixUpCallback(num_classes=0)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match="`mode` must be"):
         CutMixCallback(num_classes=3, mode="pixel")
-    with pytest.raises(ValueError, match="until_epoch"):
+    with pytest.raises(ValueError, match="`until_epoch` must be"):
         MixUpCallback(num_classes=3, until_epoch=-1)
 
 
@@ -348,6 +384,35 @@ def test_trainer_errors_tuple_batch_and_bad_label():
             batches=list_loader(x, torch.full((8,), 4), batch_size=8),
             val=False,
         )
+
+
+def test_num_classes_other_than_the_model_output_gets_a_clear_error():
+    """Issue 10: num_classes=5 on a 4-logit model; torch alone says "0D or 1D target expected"."""
+    with pytest.raises(RuntimeError) as info:
+        _fit([MixUpCallback(num_classes=5)], val=False)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "MixUpCallback" in notes and "num_classes=5" in notes
+    assert "number of logits your model outputs" in notes
+
+
+def test_label_smoothing_argument_smooths_then_mixes_in_trainer():
+    pl.seed_everything(2, verbose=False)
+    mixer = CutMixCallback(1.0, num_classes=4, mode="sample", label_smoothing=0.3)
+    rec = ParamRecorder(mixer)
+    module, _, (_, y) = _fit([mixer, rec], val=False)
+    for step, ((_, yb), params) in enumerate(zip(module.train_batches, rec.params)):
+        sl = slice(8 * step, 8 * step + 8)
+        smooth = smooth_labels(y[sl], 0.3, 4)
+        lam = params["lam"].view(-1, 1)
+        torch.testing.assert_close(yb, lam * smooth + (1 - lam) * smooth[params["perm"]])
+        assert not torch.equal(yb, smooth)
+
+
+def test_stacking_label_smoothing_callback_says_use_the_argument():
+    for order in (0, 1):
+        cbs = [MixUpCallback(num_classes=4), LabelSmoothingCallback(0.1)]
+        with pytest.raises(RuntimeError, match=r"pass `label_smoothing=0.1` to MixUpCallback"):
+            _fit(cbs[::-1] if order else cbs, val=False)
 
 
 def test_resume_continues_the_same_draws(tmp_path):

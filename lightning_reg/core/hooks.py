@@ -26,13 +26,10 @@ StepFn = Callable[[torch.optim.Optimizer], None]
 
 def real_optimizers(optimizers: Iterable[Any]) -> list[torch.optim.Optimizer]:
     """Unwrap ``LightningOptimizer`` objects to the ``torch.optim.Optimizer`` inside."""
-    result = []
-    for opt in optimizers:
-        inner = (
-            getattr(opt, "optimizer", opt) if not isinstance(opt, torch.optim.Optimizer) else opt
-        )
-        result.append(inner)
-    return result
+    return [
+        opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "optimizer", opt)
+        for opt in optimizers
+    ]
 
 
 class OptimizerStepHooks:
@@ -57,10 +54,6 @@ class OptimizerStepHooks:
         self.after_step = after_step
         self._handles: list[RemovableHandle] = []
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def attach(self, optimizers: Iterable[Any]) -> None:
         """Register the hooks on each optimizer (``LightningOptimizer`` is unwrapped)."""
         self.detach()
@@ -79,8 +72,8 @@ class OptimizerStepHooks:
     def _pre_hook(
         self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict] | None:
-        assert self.before_step is not None
         before_step = self.before_step
+        assert before_step is not None
         closure = kwargs.get("closure")
         in_args = closure is None and len(args) > 0 and callable(args[0])
         if in_args:
@@ -100,5 +93,4 @@ class OptimizerStepHooks:
         return args, {**kwargs, "closure": closure_then_hook}
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        assert self.after_step is not None
-        self.after_step(optimizer)
+        self.after_step(optimizer)  # type: ignore[misc]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
+from lightning_reg.core.compat import should_update_logs
+
 __all__ = ["is_logging_step", "log_scalars"]
 
 
@@ -14,9 +16,8 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     Follows ``Trainer(log_every_n_steps=...)``. Callbacks compute diagnostics only on these
     steps, so the hot path never pays for them.
     """
-    connector = getattr(trainer, "_logger_connector", None)
-    flag = getattr(connector, "should_update_logs", None)
-    if isinstance(flag, bool):
+    flag = should_update_logs(trainer)
+    if flag is not None:
         return flag
     every = max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
     return (trainer.global_step + 1) % every == 0

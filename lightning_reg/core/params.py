@@ -1,29 +1,44 @@
-"""Which parameters a technique touches.
+"""Which parameters a technique touches: :class:`ParamSelection`.
 
-``ParamSelection("weights")`` (the default everywhere) selects parameters with ``ndim >= 2``
-that do not belong to a normalization layer: no biases, no norm affine parameters. This is the
-rule timm and most recipes use for weight decay. ``"all"`` selects every trainable parameter.
-Name globs and module types refine either preset.
+``ParamSelection("weights")`` (the default everywhere) is the library's own no-decay rule, the
+union of what the model zoos declare:
+
+* timm: no 1-D parameters, no ``.bias``, nothing the model (or any submodule, names prefixed)
+  lists in ``no_weight_decay()`` (names or globs) or ``no_weight_decay_keywords()``
+  (substrings);
+* Hugging Face's Trainer: no parameter of a normalization layer, no name matching ``bias``,
+  ``layernorm``, ``rmsnorm`` or a ``norm`` component;
+* positional embeddings and class/distillation tokens (``pos_embed``, ``position_embeddings``,
+  ``cls_token``, ``class_token``, ``dist_token``), whatever library declares them.
+
+``"all"`` selects every trainable parameter. Name globs and module types refine either preset.
+Each selected parameter also carries its *unit dim*, the dim that indexes its units: 0 in
+PyTorch layout, 1 for ``ConvTranspose`` weights, which are ``(in, out, ...)``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+import re
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from lightning_reg.core.validation import check_choice
 
 __all__ = ["NORM_LAYER_TYPES", "ParamSelection", "SelectedParam"]
 
-#: Module types whose parameters are never "weights".
+#: Module types whose parameters are never "weights" (plus any class named ``*Norm``/``*Norm2d``).
 NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = tuple(
     t
     for t in (
-        nn.modules.batchnorm._NormBase,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
         nn.LayerNorm,
         nn.GroupNorm,
         nn.LocalResponseNorm,
@@ -31,24 +46,47 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = tuple(
     )
     if t is not None
 )
-
+_NORM_CLASS = re.compile(r"Norm(\dd)?$")
+# Hugging Face Trainer's forbidden name patterns, plus positional embeddings and class tokens.
+_NO_DECAY_NAME = re.compile(
+    r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)"
+    r"|pos(?:ition)?_?embed|(?:cls|class|dist)_token"
+)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PRESETS = ("weights", "all")
 
 
 @dataclass(frozen=True)
 class SelectedParam:
-    """A parameter picked by a :class:`ParamSelection`, with its qualified name."""
+    """A parameter picked by a :class:`ParamSelection`: qualified name, tensor and unit dim."""
 
     name: str
     param: nn.Parameter
+    unit_dim: int = 0
+
+
+def _declared_no_decay(model: nn.Module) -> tuple[set[str], list[tuple[str, str]]]:
+    """timm's declarations of every module: (qualified names or globs, (prefix, keyword))."""
+    names: set[str] = set()
+    keywords: list[tuple[str, str]] = []
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if callable(getattr(module, "no_weight_decay", None)):
+            names.update(dot + n for n in module.no_weight_decay())
+        if callable(getattr(module, "no_weight_decay_keywords", None)):
+            keywords.extend((dot, k) for k in module.no_weight_decay_keywords())
+    return names, keywords
 
 
 @dataclass(frozen=True)
 class ParamSelection:
     """A rule that picks the parameters a regularizer acts on.
 
+    ``ParamSelection("weights").select(model)`` is the library's public no-decay rule (see the
+    module docstring); every parameter callback and the penalty functions use it by default.
+
     Args:
-        preset: ``"weights"`` (ndim >= 2, outside normalization layers) or ``"all"``.
+        preset: ``"weights"`` (the no-decay rule above) or ``"all"``.
         include: name globs (``fnmatch``) a parameter must match at least one of, if given.
         exclude: name globs that remove a parameter.
         include_types: module types a parameter's owner must be an instance of, if given.
@@ -64,6 +102,10 @@ class ParamSelection:
         >>> names = [p.name for p in sel.select(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))]
         >>> names
         ['0.weight']
+
+    Reference:
+        timm ``timm.optim.param_groups_weight_decay``; Hugging Face
+        ``Trainer.get_decay_parameter_names``.
     """
 
     preset: str = "weights"
@@ -75,22 +117,17 @@ class ParamSelection:
 
     def __post_init__(self) -> None:
         check_choice("params", self.preset, _PRESETS)
-        for arg in ("include", "exclude"):
+        for arg, kind, ok in (
+            ("include", str, lambda v: isinstance(v, str)),
+            ("exclude", str, lambda v: isinstance(v, str)),
+            ("include_types", type, lambda v: isinstance(v, type) and issubclass(v, nn.Module)),
+            ("exclude_types", type, lambda v: isinstance(v, type) and issubclass(v, nn.Module)),
+        ):
             value = getattr(self, arg)
-            if isinstance(value, str):
-                object.__setattr__(self, arg, (value,))
-            elif not all(isinstance(v, str) for v in getattr(self, arg)):
-                raise TypeError(f"`{arg}` must be a sequence of name globs, got {value!r}")
-            object.__setattr__(self, arg, tuple(getattr(self, arg)))
-        for arg in ("include_types", "exclude_types"):
-            value = getattr(self, arg)
-            if isinstance(value, type):
-                value = (value,)
-            value = tuple(value)
-            if not all(isinstance(v, type) and issubclass(v, nn.Module) for v in value):
-                raise TypeError(
-                    f"`{arg}` must be a sequence of nn.Module subclasses, got {value!r}"
-                )
+            value = (value,) if isinstance(value, kind) else tuple(value)
+            if not all(ok(v) for v in value):
+                what = "name globs" if kind is str else "nn.Module subclasses"
+                raise TypeError(f"`{arg}` must be a sequence of {what}, got {value!r}")
             object.__setattr__(self, arg, value)
 
     @classmethod
@@ -101,10 +138,8 @@ class ParamSelection:
             ValueError: for an unknown preset name.
             TypeError: for anything else.
         """
-        if spec is None:
-            return cls()
-        if isinstance(spec, ParamSelection):
-            return spec
+        if spec is None or isinstance(spec, ParamSelection):
+            return spec or cls()
         if isinstance(spec, str):
             return cls(check_choice("params", spec, _PRESETS))
         raise TypeError(
@@ -112,18 +147,16 @@ class ParamSelection:
             f"({type(spec).__name__})"
         )
 
-    def _keep(self, name: str, param: nn.Parameter, owner: nn.Module) -> bool:
-        if self.trainable_only and not param.requires_grad:
-            return False
-        if self.preset == "weights" and (param.ndim < 2 or isinstance(owner, NORM_LAYER_TYPES)):
-            return False
-        if self.include and not any(fnmatch.fnmatchcase(name, g) for g in self.include):
-            return False
-        if any(fnmatch.fnmatchcase(name, g) for g in self.exclude):
-            return False
-        if self.include_types and not isinstance(owner, self.include_types):
-            return False
-        return not (self.exclude_types and isinstance(owner, self.exclude_types))
+    def _is_weight(self, name: str, param: nn.Parameter, owner: nn.Module, declared) -> bool:
+        names, keywords = declared
+        return not (
+            param.ndim < 2
+            or isinstance(owner, NORM_LAYER_TYPES)
+            or _NORM_CLASS.search(type(owner).__name__)
+            or _NO_DECAY_NAME.search(name.lower())
+            or any(fnmatch.fnmatchcase(name, n) for n in names)
+            or any(name.startswith(p) and k in name[len(p) :] for p, k in keywords)
+        )
 
     def select(self, model: nn.Module, *, allow_empty: bool = False) -> list[SelectedParam]:
         """Return the selected parameters of ``model`` in registration order, without duplicates.
@@ -131,16 +164,23 @@ class ParamSelection:
         Raises:
             RuntimeError: if nothing matches and ``allow_empty`` is False.
         """
+        declared = _declared_no_decay(model) if self.preset == "weights" else None
         chosen: list[SelectedParam] = []
         seen: set[int] = set()
         for module_name, module in model.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
                 name = f"{module_name}.{param_name}" if module_name else param_name
-                if self._keep(name, param, module):
+                if id(param) in seen or (self.trainable_only and not param.requires_grad):
+                    continue
+                if (
+                    (declared is None or self._is_weight(name, param, module, declared))
+                    and (not self.include or any(fnmatch.fnmatchcase(name, g) for g in self.include))
+                    and not any(fnmatch.fnmatchcase(name, g) for g in self.exclude)
+                    and (not self.include_types or isinstance(module, self.include_types))
+                    and not (self.exclude_types and isinstance(module, self.exclude_types))
+                ):
                     seen.add(id(param))
-                    chosen.append(SelectedParam(name, param))
+                    chosen.append(SelectedParam(name, param, int(isinstance(module, _TRANSPOSED))))
         if not chosen and not allow_empty:
             raise RuntimeError(
                 f"The parameter selection {self!r} matched no parameter of "
@@ -153,46 +193,3 @@ class ParamSelection:
         """Shorthand for the parameter tensors of :meth:`select`."""
         return [s.param for s in self.select(model, allow_empty=allow_empty)]
 
-
-def group_by_optimizer_group(
-    params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer
-) -> list[tuple[dict, list[torch.Tensor]]]:
-    """Split ``params`` by the optimizer param group that owns them.
-
-    Returns a list of ``(param_group, tensors)`` pairs, skipping groups with no selected tensor.
-    Parameters not owned by ``optimizer`` are left out.
-    """
-    wanted = {id(p) for p in params}
-    groups: list[tuple[dict, list[torch.Tensor]]] = []
-    for group in optimizer.param_groups:
-        tensors = [p for p in group["params"] if id(p) in wanted]
-        if tensors:
-            groups.append((group, tensors))
-    return groups
-
-
-def groups_by_optimizer(
-    params: Sequence[torch.Tensor], optimizers: Iterable[torch.optim.Optimizer], who: str
-) -> dict[int, list[tuple[dict, list[torch.Tensor]]]]:
-    """:func:`group_by_optimizer_group` for every optimizer, keyed by ``id(optimizer)``.
-
-    Raises:
-        RuntimeError: if no optimizer holds any of ``params`` (``who`` would do nothing).
-    """
-    grouped = {id(opt): group_by_optimizer_group(params, opt) for opt in optimizers}
-    if not any(grouped.values()):
-        raise RuntimeError(
-            f"{who}: none of the {len(params)} selected parameters is in an optimizer, so it "
-            "would do nothing. Check configure_optimizers, or the `params` selection."
-        )
-    return grouped
-
-
-def split_by_device_dtype(
-    tensors: Sequence[torch.Tensor],
-) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
-    """Group tensors by ``(device, dtype)``, as the ``torch._foreach_*`` kernels require."""
-    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        buckets.setdefault((t.device, t.dtype), []).append(t)
-    return buckets

@@ -30,6 +30,7 @@ __all__ = [
     "training_flags_restored",
 ]
 
+
 @contextlib.contextmanager
 def training_flags_restored(model: nn.Module) -> Iterator[list[nn.Module]]:
     """Context: change ``training`` flags freely inside; every module's flag is restored after.
@@ -78,7 +79,7 @@ def _strip_level(
     inner = f"{prefix}{child}."
     for key in [k for k in state_dict if k.startswith(inner)]:
         state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
-    metadata = getattr(state_dict, "_metadata", None)
+    metadata = getattr(state_dict, "_metadata", None)  # compat: torch's state-dict metadata
     if metadata is not None:
         base = inner[:-1]
         for key in [k for k in metadata if k == base or k.startswith(inner)]:
@@ -89,7 +90,9 @@ def _strip_level(
 def _add_level(
     wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, child: str
 ) -> None:
-    own = set(wrapper._modules) | set(wrapper._parameters) | set(wrapper._buffers)
+    own = {name for name, _ in wrapper.named_children()}
+    own |= {name for name, _ in wrapper.named_parameters(recurse=False)}
+    own |= {name for name, _ in wrapper.named_buffers(recurse=False)}
     for key in [k for k in state_dict if k.startswith(prefix)]:
         head = key[len(prefix) :].split(".", 1)[0]
         if head not in own:

@@ -3,13 +3,14 @@
 Examples::
 
     lightning-reg list
-    lightning-reg ablate                       # digits, every technique, 3 seeds, ~5 min on CPU
-    lightning-reg ablate --fast --out /tmp/a   # smoke run: 2 seeds, 3 epochs
-    lightning-reg ablate --techniques baseline l1_proximal --dataset breast_cancer
-    lightning-reg ablate --accelerator gpu --precision bf16-mixed --wandb-mode online
+    lightning-reg ablate                       # MNIST-1D, MLP, every technique, 3 seeds
+    lightning-reg ablate --search              # try each technique's strength grid first
+    lightning-reg ablate --fast --out /tmp/a   # smoke run: 2 seeds, few epochs
+    lightning-reg ablate --model cnn --techniques l2 dropout stochastic_depth ghost_bn
+    lightning-reg ablate --config run.yaml --monitor val_acc --mode max   # your own model
 
-Bad input (an unknown technique or dataset, an out-of-range number) prints one line on stderr
-and exits with code 2.
+Bad input (an unknown technique or dataset, an out-of-range number, a broken ``--config``, a
+``--monitor`` the model does not log) prints one line on stderr and exits with code 2.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from typing import Any, NoReturn
 __all__ = ["build_parser", "main", "run"]
 
 FAST_SEEDS = 2
-FAST_EPOCHS = 2
+DEFAULT_SEEDS = 3
+#: Per-dataset training defaults: epochs, batch size, validation interval, optimizer, lr.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist1d": dict(epochs=100, batch_size=512, val_every=5, optimizer="adam", lr=1e-2),
+    "digits": dict(epochs=20, batch_size=64, val_every=2, optimizer="sgd", lr=0.05),
+    "breast_cancer": dict(epochs=60, batch_size=32, val_every=2, optimizer="sgd", lr=0.05),
+}
+FAST_EPOCHS = {"mnist1d": 20, "digits": 4, "breast_cancer": 4}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,16 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="lightning-reg",
-        description="Regularization for PyTorch Lightning: an ablation on bundled real data.",
+        description="Regularization for PyTorch Lightning: which regularizer helps, and by how much.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("list", help="print each technique with its class, formula and paper")
+    sub.add_parser("list", help="print each technique with its class, formula, paper and grid")
     ab = sub.add_parser(
         "ablate",
         help="train the same model with no regularization, each technique and a combined recipe",
         description=(
-            "Train the same model once with no regularization, once per technique and once "
-            "with a combined recipe, over several seeds; print and write the results table."
+            "Train the same model once with no regularization, once per technique (at its "
+            "default strength, or at the strength --search picks on validation) and once with "
+            "a combined recipe, over several seeds; print and write the results table."
         ),
     )
     ab.add_argument(
@@ -82,45 +91,65 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         help=f"subset to run (space or comma separated) from: {', '.join(all_names())}. "
-        "'baseline' is always added. Default: every installed technique.",
+        "'baseline' is always added. Default: all of them.",
     )
-    ab.add_argument("--dataset", choices=sorted(DATASETS), default="digits")
-    ab.add_argument("--seeds", type=_positive_int, help="seeds per technique (default 3)")
+    ab.add_argument("--dataset", choices=list(DATASETS), default="mnist1d")
     ab.add_argument(
-        "--epochs", type=_positive_int, help="epochs per run (default: digits 20, breast_cancer 60)"
+        "--model",
+        choices=["mlp", "cnn"],
+        default="mlp",
+        help="mlp: the plain 40-100-100-10 ReLU MLP (default); cnn: a 1-D residual CNN with "
+        "BatchNorm (digits: the residual 2-D CNN)",
+    )
+    ab.add_argument(
+        "--search",
+        action="store_true",
+        help="run each technique's strength grid and keep the strength with the best mean "
+        "validation metric; write search.csv",
+    )
+    ab.add_argument(
+        "--config",
+        type=Path,
+        help="a LightningCLI YAML (model:, data:, trainer:) with your own LightningModule and "
+        "LightningDataModule",
+    )
+    ab.add_argument("--monitor", default="val_loss", help="--config: metric to compare (val_loss)")
+    ab.add_argument("--mode", choices=["min", "max"], default="min", help="--config: min or max")
+    ab.add_argument("--seeds", type=_positive_int, help=f"seeds per row (default {DEFAULT_SEEDS})")
+    ab.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help="epochs per run (default: "
+        + ", ".join(f"{k} {v['epochs']}" for k, v in DEFAULTS.items())
+        + "; --config: the YAML's trainer.max_epochs)",
     )
     ab.add_argument(
         "--train-size",
         type=int,
-        help="training samples, the rest is validation "
+        help="training samples "
         + ", ".join(
             f"({d.name}: default {d.default_train_size}, "
             f"range [{d.min_train_size}, {d.max_train_size}])"
             for d in DATASETS.values()
         ),
     )
-    ab.add_argument("--batch-size", type=_positive_int, help="default: digits 64, breast_cancer 32")
-    ab.add_argument("--val-every", type=_positive_int, help="validate every N epochs (default 2)")
-    ab.add_argument(
-        "--optimizer",
-        choices=["sgd", "adam"],
-        default="sgd",
-        help="sgd: Nesterov momentum 0.9 (default); adam",
-    )
-    ab.add_argument("--lr", type=_positive_float, default=0.05, help="learning rate (default 0.05)")
-    ab.add_argument("--accelerator", default="auto", help="passed to the Trainer")
+    ab.add_argument("--batch-size", type=_positive_int, help="default: mnist1d 512, digits 64")
+    ab.add_argument("--val-every", type=_positive_int, help="validate every N epochs")
+    ab.add_argument("--optimizer", choices=["sgd", "adam"], help="default: mnist1d adam, else sgd")
+    ab.add_argument("--lr", type=_positive_float, help="learning rate (mnist1d 0.01, else 0.05)")
+    ab.add_argument("--accelerator", default="cpu", help="passed to the Trainer (default cpu)")
     ab.add_argument("--devices", type=_devices, default=1, help="passed to the Trainer")
     ab.add_argument("--precision", default=None, help="passed to the Trainer, e.g. bf16-mixed")
     ab.add_argument(
         "--threads",
         type=_positive_int,
         default=1,
-        help="torch CPU threads (default 1: the model is tiny, more threads only contend)",
+        help="torch CPU threads (default 1: the models are tiny, more threads only contend)",
     )
     ab.add_argument(
         "--fast",
         action="store_true",
-        help=f"smoke run: {FAST_SEEDS} seeds, {FAST_EPOCHS} epochs, validation every epoch",
+        help=f"smoke run: {FAST_SEEDS} seeds, few epochs, 1 noise draw",
     )
     ab.add_argument("--out", type=Path, default=Path("ablation"), help="output folder")
     ab.add_argument("--logger", choices=["wandb", "csv", "tensorboard", "none"], default="wandb")
@@ -135,19 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _technique_list(parser: argparse.ArgumentParser, raw: Sequence[str] | None, kind: str):
-    from lightning_reg.demo.ablation import default_techniques, validate_techniques
+def _technique_list(parser: argparse.ArgumentParser, raw: Sequence[str] | None) -> list[str]:
+    from lightning_reg.demo.ablation import validate_techniques
+    from lightning_reg.demo.techniques import all_names
 
     if not raw:
-        return default_techniques(kind)
+        return all_names()
     names = [n.strip() for item in raw for n in item.split(",") if n.strip()]
     try:
         validate_techniques(names)
     except ValueError as err:
         parser.error(f"argument --techniques: {err}")
-    if "baseline" not in names:
-        names.insert(0, "baseline")
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(["baseline", *names]))
 
 
 def _launched_worker() -> bool:
@@ -159,17 +187,66 @@ def _print_list() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lightning_reg.demo.techniques import all_names, available, describe
+    from lightning_reg.demo.techniques import all_names, describe
 
     table = Table(title="lightning-reg techniques")
-    for col in ("name", "class", "formula", "paper", "status"):
+    for col in ("name", "class", "formula", "paper", "grid (default)"):
         table.add_column(col)
     for name in all_names():
         t = describe(name)
-        ok, why = available(name)
-        table.add_row(name, t.classes, t.formula, t.paper, "ok" if ok else f"missing: {why}")
+        grid = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in t.grid)
+        table.add_row(name, t.classes, t.formula, t.paper, f"{t.knob} ∈ {{{grid}}} ({t.default})" if grid else "-")
     Console(width=None if sys.stdout.isatty() else 220).print(table)
     return 0
+
+
+def _config(args: argparse.Namespace, ab: argparse.ArgumentParser) -> Any:
+    from lightning_reg.demo.ablation import AblationConfig
+    from lightning_reg.demo.data import DATASETS
+
+    info = DATASETS[args.dataset]
+    if args.train_size is not None and not (
+        info.min_train_size <= args.train_size <= info.max_train_size
+    ):
+        ab.error(
+            f"argument --train-size: must be in [{info.min_train_size}, {info.max_train_size}] "
+            f"for {args.dataset}, got {args.train_size}"
+        )
+    if args.model == "cnn" and info.kind == "tabular":
+        ab.error("argument --model: cnn needs mnist1d or digits, not breast_cancer")
+    if args.config is not None and not args.config.is_file():
+        ab.error(f"argument --config: no such file: {args.config}")
+    if args.logger == "wandb" and args.wandb_mode != "disabled":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            ab.error("--logger wandb needs `pip install wandb` (or use --logger csv)")
+    d = DEFAULTS[args.dataset]
+    epochs = args.epochs or (FAST_EPOCHS[args.dataset] if args.fast else d["epochs"])
+    return AblationConfig(
+        techniques=_technique_list(ab, args.techniques),
+        dataset=args.dataset,
+        model=args.model,
+        seeds=args.seeds or (FAST_SEEDS if args.fast else DEFAULT_SEEDS),
+        epochs=epochs,
+        train_size=args.train_size,
+        batch_size=args.batch_size or d["batch_size"],
+        val_every=args.val_every or (min(2, d["val_every"]) if args.fast else d["val_every"]),
+        lr=args.lr or d["lr"],
+        optimizer=args.optimizer or d["optimizer"],
+        search=args.search,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        precision=args.precision,
+        out=args.out,
+        logger="none" if args.logger == "wandb" and args.wandb_mode == "disabled" else args.logger,
+        wandb_mode=args.wandb_mode,
+        wandb_project=args.wandb_project,
+        fast=args.fast,
+        config=args.config,
+        monitor=args.monitor,
+        mode=args.mode,
+    )
 
 
 def run(
@@ -186,24 +263,16 @@ def run(
     args = parser.parse_args(argv)
     if args.command == "list":
         return _print_list(), None
+    ab: argparse.ArgumentParser = parser.ablate_parser  # type: ignore[attr-defined]
+    cfg = _config(args, ab)
+    backend = None
+    if cfg.config is not None:
+        from lightning_reg.demo.config import ConfigBackend, ConfigError
 
-    from lightning_reg.demo.data import DATASETS
-
-    info = DATASETS[args.dataset]
-    ab_parser: argparse.ArgumentParser = parser.ablate_parser  # type: ignore[attr-defined]
-    if args.train_size is not None and not (
-        info.min_train_size <= args.train_size <= info.max_train_size
-    ):
-        ab_parser.error(
-            f"argument --train-size: must be in [{info.min_train_size}, {info.max_train_size}] "
-            f"for {args.dataset}, got {args.train_size}"
-        )
-    techniques = _technique_list(ab_parser, args.techniques, info.kind)
-    if args.logger == "wandb" and args.wandb_mode != "disabled":
         try:
-            import wandb  # noqa: F401
-        except ImportError:
-            ab_parser.error("--logger wandb needs `pip install wandb` (or use --logger csv)")
+            backend = ConfigBackend(cfg)
+        except ConfigError as err:
+            ab.error(str(err))
 
     import torch
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -217,31 +286,11 @@ def run(
         TimeRemainingColumn,
     )
 
-    from lightning_reg.demo.ablation import AblationConfig, run_ablation
+    from lightning_reg.demo.ablation import run_ablation
+    from lightning_reg.demo.config import ConfigError
     from lightning_reg.demo.report import log_wandb_table, rich_table, write_all
 
-    cfg = AblationConfig(
-        techniques=techniques,
-        dataset=args.dataset,
-        seeds=args.seeds or (FAST_SEEDS if args.fast else 3),
-        epochs=args.epochs or (FAST_EPOCHS if args.fast else info.default_epochs),
-        train_size=args.train_size,
-        batch_size=args.batch_size or info.default_batch_size,
-        val_every=args.val_every or (1 if args.fast else 2),
-        lr=args.lr,
-        optimizer=args.optimizer,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        precision=args.precision,
-        out=args.out,
-        logger=args.logger
-        if not (args.logger == "wandb" and args.wandb_mode == "disabled")
-        else "none",
-        wandb_mode=args.wandb_mode,
-        wandb_project=args.wandb_project,
-        fast=args.fast,
-    )
-    out_console = Console(width=None if sys.stdout.isatty() else 240)
+    out_console = Console(width=None if sys.stdout.isatty() else 260)
     err_console = Console(stderr=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -262,17 +311,20 @@ def run(
             def progress(description: str, done: int, total: int) -> None:
                 bar.update(task, description=description, completed=done, total=total)
 
-            result = run_ablation(cfg, progress=progress, wandb_hook=wandb_hook)
+            result = run_ablation(cfg, backend=backend, progress=progress, wandb_hook=wandb_hook)
+    except ConfigError as err:
+        ab.error(str(err))
     finally:
         torch.set_num_threads(threads)
     if rank_zero_only.rank != 0:
         # With --devices > 1 every rank runs the whole loop (each fit is collective); only rank
         # zero reports.
         return 0, result
-    files = write_all(result)
+    command = "lightning-reg " + " ".join(sys.argv[1:] if argv is None else argv)
+    files = write_all(result, command)
     out_console.print(rich_table(result))
     if cfg.logger == "wandb":
-        table_run = log_wandb_table(result, files.get("png"))
+        table_run = log_wandb_table(result, [files["effects"], files["curves"]])
         if wandb_hook is not None:
             wandb_hook("table", table_run)
         table_run.finish()

@@ -1,13 +1,16 @@
 """The demo networks and the LightningModule that trains them.
 
-``ResidualCNN``: a compact pre-activation ResNet for 8×8 images (two stages of residual blocks,
-BatchNorm everywhere), so stochastic depth, ghost BN, dropout and the Jacobian penalty all have
-something to act on. ``ResidualMLP``: the same idea for tabular data. Every residual block is a
-:class:`ResidualBlock` computing ``x + branch(x)``, shape-preserving by construction.
+``MLP``: the plain ReLU MLP of the MNIST-1D paper (40-100-100-10), no normalisation, the
+default network of the main job: it overfits MNIST-1D. ``ResidualCNN1d``: a small 1-D residual
+CNN with BatchNorm for MNIST-1D (``--model cnn``, the architectural prior). ``ResidualCNN``: a
+compact pre-activation ResNet for 8×8 images. ``ResidualMLP``: the same idea for tabular data.
+Every residual block is a :class:`ResidualBlock` computing ``x + branch(x)``, shape-preserving by
+construction, so stochastic depth, ghost BN and precise BN have something to act on.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,10 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
+from lightning_reg import JacobianPenaltyMixin
+from lightning_reg.core.compat import attached_trainer
+
 __all__ = [
+    "MLP",
     "DemoClassifier",
+    "JacobianDemoClassifier",
     "ResidualBlock",
     "ResidualCNN",
+    "ResidualCNN1d",
     "ResidualMLP",
     "build_model",
     "jacobian_classifier",
@@ -32,12 +41,16 @@ class ResidualBlock(nn.Module):
     Args:
         width: channels (``conv=True``) or features.
         conv: 3×3 convolutions if True, linear layers otherwise.
+        ndim: spatial dimensions of the convolutions (1 or 2).
     """
 
-    def __init__(self, width: int, *, conv: bool = True) -> None:
+    def __init__(self, width: int, *, conv: bool = True, ndim: int = 2) -> None:
         super().__init__()
-        if conv:
-            norm: type[nn.Module] = nn.BatchNorm2d
+        if conv and ndim == 1:
+            norm: type[nn.Module] = nn.BatchNorm1d
+            layer = lambda: nn.Conv1d(width, width, 3, padding=1, bias=False)  # noqa: E731
+        elif conv:
+            norm = nn.BatchNorm2d
             layer = lambda: nn.Conv2d(width, width, 3, padding=1, bias=False)  # noqa: E731
         else:
             norm = nn.BatchNorm1d
@@ -94,19 +107,74 @@ class ResidualMLP(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
+class MLP(nn.Module):
+    """The plain ReLU MLP of MNIST-1D: flatten, ``in-100-100-out`` (no normalisation)."""
+
+    def __init__(self, in_features: int = 40, num_classes: int = 10, width: int = 100) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ResidualCNN1d(nn.Module):
+    """1-D residual CNN for signals ``(B, L)`` or ``(B, C, L)``: stem, blocks, pool, head."""
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 32, depth: int = 2
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.stem = nn.Conv1d(in_channels, width, 5, stride=2, padding=2, bias=False)
+        self.blocks = nn.Sequential(*[ResidualBlock(width, ndim=1) for _ in range(depth)])
+        self.pool = nn.Sequential(nn.BatchNorm1d(width), nn.ReLU(), nn.AdaptiveAvgPool1d(4))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:
+            x = x.unsqueeze(1)
+        return self.head(self.pool(self.blocks(self.stem(x))))
+
+
 def build_model(
-    kind: str, input_shape: tuple[int, ...], num_classes: int, *, width: int | None = None
+    kind: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    width: int | None = None,
+    arch: str = "auto",
 ) -> nn.Module:
-    """The demo network for ``kind`` ``"image"`` (ResidualCNN) or ``"tabular"`` (ResidualMLP).
+    """The demo network for ``kind`` and ``arch``.
+
+    ``arch="auto"``: ``"sequence"`` → :class:`MLP`, ``"image"`` → :class:`ResidualCNN`,
+    ``"tabular"`` → :class:`ResidualMLP`. ``"mlp"`` is always the plain :class:`MLP`; ``"cnn"``
+    is :class:`ResidualCNN1d` for sequences and :class:`ResidualCNN` for images.
 
     Raises:
-        ValueError: for another kind.
+        ValueError: for another kind or arch, or ``"cnn"`` on tabular data.
     """
+    if kind not in ("sequence", "image", "tabular"):
+        raise ValueError(f"`kind` must be one of 'sequence', 'image', 'tabular'; got {kind!r}")
+    if arch not in ("auto", "mlp", "cnn"):
+        raise ValueError(f"`arch` must be one of 'auto', 'mlp', 'cnn'; got {arch!r}")
+    if arch == "mlp" or (arch == "auto" and kind == "sequence"):
+        return MLP(math.prod(input_shape), num_classes, width=width or 100)
+    if kind == "sequence":
+        channels = input_shape[0] if len(input_shape) == 2 else 1
+        return ResidualCNN1d(channels, num_classes, width=width or 32)
     if kind == "image":
         return ResidualCNN(input_shape[0], num_classes, width=width or 16)
-    if kind == "tabular":
-        return ResidualMLP(input_shape[0], num_classes, width=width or 64)
-    raise ValueError(f"`kind` must be one of 'image', 'tabular'; got {kind!r}")
+    if arch == "cnn":
+        raise ValueError("`arch` 'cnn' needs image or sequence data, got tabular")
+    return ResidualMLP(input_shape[0], num_classes, width=width or 64)
 
 
 class DemoClassifier(pl.LightningModule):
@@ -117,16 +185,17 @@ class DemoClassifier(pl.LightningModule):
     ``needs_input_grad = True`` the inputs get ``requires_grad`` first.
 
     Args:
-        kind: ``"image"`` or ``"tabular"`` (which network to build).
-        input_shape: shape of one input, e.g. ``[1, 8, 8]`` or ``[30]``.
+        kind: ``"sequence"``, ``"image"`` or ``"tabular"`` (which network to build).
+        input_shape: shape of one input, e.g. ``[40]``, ``[1, 8, 8]`` or ``[30]``.
         num_classes: number of classes.
         width: network width (``None``: the default of each network).
         lr: learning rate.
         optimizer: ``"adam"`` or ``"sgd"`` (SGD with Nesterov momentum 0.9).
         cosine: anneal the learning rate to 0 over ``Trainer(max_epochs)`` (cosine, per epoch).
+        arch: ``"auto"``, ``"mlp"`` or ``"cnn"`` (see :func:`build_model`).
 
     Raises:
-        ValueError: for an unknown ``kind`` or ``optimizer``, or a non-positive ``lr``.
+        ValueError: for an unknown ``kind``, ``arch`` or ``optimizer``, or a non-positive ``lr``.
 
     Example:
         >>> module = DemoClassifier("image", [1, 8, 8], 10)
@@ -145,6 +214,7 @@ class DemoClassifier(pl.LightningModule):
         lr: float = 3e-3,
         optimizer: str = "adam",
         cosine: bool = True,
+        arch: str = "auto",
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -153,7 +223,7 @@ class DemoClassifier(pl.LightningModule):
             raise ValueError(f"`optimizer` must be one of 'adam', 'sgd'; got {optimizer!r}")
         self.optimizer_name = optimizer
         self.cosine = cosine
-        self.model = build_model(kind, tuple(input_shape), num_classes, width=width)
+        self.model = build_model(kind, tuple(input_shape), num_classes, width=width, arch=arch)
         self.lr = lr
         self.num_classes = num_classes
         self._val_sums: list[torch.Tensor] = []
@@ -211,29 +281,23 @@ class DemoClassifier(pl.LightningModule):
             )
         else:
             opt = torch.optim.Adam(self.parameters(), lr=self.lr)
-        epochs = getattr(self.trainer, "max_epochs", None) if self._trainer else None
+        trainer = attached_trainer(self)
+        epochs = getattr(trainer, "max_epochs", None) if trainer is not None else None
         if not self.cosine or not epochs or epochs < 1:
             return opt
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
 
-_JACOBIAN_CLASSIFIER: type[DemoClassifier] | None = None
+class JacobianDemoClassifier(JacobianPenaltyMixin, DemoClassifier):
+    """DemoClassifier + ``jacobian_weight · ‖∂f/∂x‖_F²`` in the training loss."""
+
+    needs_input_grad = True
+
+    def extra_loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.jacobian_penalty(x, logits)
 
 
 def jacobian_classifier() -> type[DemoClassifier]:
-    """``DemoClassifier`` with :class:`~lightning_reg.jacobian.JacobianPenaltyMixin` (lazy)."""
-    global _JACOBIAN_CLASSIFIER
-    if _JACOBIAN_CLASSIFIER is None:
-        from lightning_reg.jacobian import JacobianPenaltyMixin
-
-        class JacobianDemoClassifier(JacobianPenaltyMixin, DemoClassifier):
-            """DemoClassifier + ``jacobian_weight · ‖∂f/∂x‖_F²`` in the training loss."""
-
-            needs_input_grad = True
-
-            def extra_loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-                return self.jacobian_penalty(x, logits)
-
-        _JACOBIAN_CLASSIFIER = JacobianDemoClassifier
-    return _JACOBIAN_CLASSIFIER
+    """:class:`JacobianDemoClassifier` (kept for callers of the old lazy factory)."""
+    return JacobianDemoClassifier

@@ -1,13 +1,14 @@
-"""DDP scenarios for batch norm (run inside the 2-rank pool)."""
+"""DDP scenarios for ghost and precise batch norm (run inside the 2-rank pool)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lightning_reg.batch_norm import (
+from lightning_reg import (
     GhostBatchNorm,
     GhostBatchNormCallback,
+    GhostSyncBatchNorm,
     PreciseBatchNormCallback,
 )
 from tests.helpers.ddp import ddp_trainer_kwargs
@@ -18,10 +19,7 @@ from tests.helpers.models import (
     random_classification,
     tiny_trainer,
 )
-
-
-def bn_mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+from tests.helpers.models_batch_norm import bn_mlp
 
 
 def precise_bn_fit(rank: int, sync_batchnorm: bool = False, precision: str = "32-true"):
@@ -50,8 +48,9 @@ def precise_bn_fit(rank: int, sync_batchnorm: bool = False, precision: str = "32
     }
 
 
-def ghost_bn_sync_fit(rank: int):
-    """GhostBatchNormCallback with sync_batchnorm=True: ghost layers stay per-rank."""
+def ghost_bn_sync_fit(rank: int, use_plugin: bool = True):
+    """GhostBatchNormCallback with the GhostSyncBatchNorm plugin (ghost layers stay per rank),
+    or with ``sync_batchnorm=True`` alone (returns the error message)."""
     torch.manual_seed(0)
     x, y = random_classification(64, image=True)
     model = nn.Sequential(SmallCNN(num_classes=3))
@@ -64,10 +63,12 @@ def ghost_bn_sync_fit(rank: int):
                 type(m).__name__ for m in pl_module.modules() if isinstance(m, nn.BatchNorm2d)
             )
 
-    trainer = tiny_trainer(
-        max_steps=2, sync_batchnorm=True, callbacks=[Probe(4)], **ddp_trainer_kwargs()
-    )
-    trainer.fit(module, list_loader(x, y, batch_size=16))
+    sync = {"plugins": [GhostSyncBatchNorm()]} if use_plugin else {"sync_batchnorm": True}
+    trainer = tiny_trainer(max_steps=2, callbacks=[Probe(4)], **sync, **ddp_trainer_kwargs())
+    try:
+        trainer.fit(module, list_loader(x, y, batch_size=16))
+    except RuntimeError as err:
+        return {"error": str(err)}
     ghosts = [m for m in module.modules() if isinstance(m, GhostBatchNorm)]
     params = [p.detach().clone() for p in module.parameters()]
     return {

@@ -1,0 +1,171 @@
+"""The lifecycle every parameter-based callback shares, owned by one base class.
+
+:class:`ParamCallback` refuses the strategies it cannot support, resolves its
+:class:`~lightning_reg.core.params.ParamSelection`, groups the selected parameters by optimizer
+param group (for each group's ``lr``), attaches and detaches the optimizer step hooks, and
+resolves the selection again whenever what is trainable changes: a parameter's
+``requires_grad`` flips, or a param group is added (Lightning's ``BackboneFinetuning`` does
+both). The check is a cheap signature of the optimizer's parameters, compared at each step;
+the selection is recomputed only when it changes. Subclasses say only what happens at a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
+from lightning_reg.core.params import ParamSelection, SelectedParam
+from lightning_reg.core.strategies import FLAT_SHARDED, refuse_strategies
+
+__all__ = ["Group", "ParamCallback", "resolve_params"]
+
+#: An optimizer param group (for its ``lr``) and what :meth:`ParamCallback.prepare` made of
+#: the selected parameters in it.
+Group = tuple[dict[str, Any], Any]
+
+
+def resolve_params(params: torch.Tensor | nn.Module | Sequence[torch.Tensor]) -> list[SelectedParam]:
+    """What a pure function acts on: a tensor, an iterable of tensors, or a module's "weights"."""
+    if isinstance(params, nn.Module):
+        return ParamSelection("weights").select(params, allow_empty=True)
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    return [SelectedParam("", p) for p in params]
+
+
+def _signature(items: Any) -> tuple:
+    return tuple((id(p), p.requires_grad) for p in items)
+
+
+class ParamCallback(Callback):
+    """Base of the callbacks that act on selected parameters around real optimizer steps.
+
+    Subclasses override :meth:`prepare` (turn the selected parameters of one param group into
+    what a step needs), and :meth:`before_step` / :meth:`after_step` (run once the step's
+    gradients exist and before the update / after the update; enable them with the
+    ``before_step`` / ``after_step`` arguments). :meth:`groups` gives the prepared groups of an
+    optimizer at any time (coupled penalties call it in ``on_before_optimizer_step``) and
+    :meth:`selected` the current selection of the model.
+
+    Args:
+        params: ``"weights"`` (the library's no-decay rule), ``"all"`` or a ``ParamSelection``.
+        before_step: attach :meth:`before_step` to every optimizer.
+        after_step: attach :meth:`after_step` to every optimizer.
+
+    Raises:
+        ValueError: for an unknown ``params`` preset.
+        RuntimeError: at fit start, for a refused strategy, or when the selection matches no
+            parameter that an optimizer holds.
+
+    Example:
+        >>> class Zero(ParamCallback):
+        ...     def after_step(self, groups):
+        ...         for _, tensors in groups:
+        ...             torch._foreach_zero_(tensors)
+        >>> trainer = pl.Trainer(callbacks=[Zero("weights", after_step=True)])
+
+    Reference:
+        Lightning's ``BaseFinetuning``, a base class that owns a callback's lifecycle.
+    """
+
+    #: Strategies refused at fit start (class names, subclasses match too).
+    refused: tuple[str, ...] = FLAT_SHARDED
+    refusal_reason = (
+        "it needs each parameter with its own shape, and this strategy flattens or partitions "
+        "them (ModelParallelStrategy/FSDP2 is supported)"
+    )
+    #: Whether fit start fails when no optimizer holds a selected parameter.
+    needs_optimizer = True
+
+    def __init__(
+        self,
+        params: str | ParamSelection = "weights",
+        *,
+        before_step: bool = False,
+        after_step: bool = False,
+    ) -> None:
+        super().__init__()
+        self.selection = ParamSelection.coerce(params)
+        self._module: nn.Module | None = None
+        self._selected: tuple[tuple, list[SelectedParam]] = ((), [])
+        self._groups: dict[int, tuple[tuple, list[Group]]] = {}
+        self._hooks = OptimizerStepHooks(
+            before_step=self._run_before if before_step else None,
+            after_step=self._run_after if after_step else None,
+        )
+
+    # -- what subclasses override ----------------------------------------------------------
+
+    def check_strategy(self, trainer: pl.Trainer) -> None:
+        """Raise ``RuntimeError`` for a strategy this callback cannot support."""
+        refuse_strategies(trainer, type(self).__name__, self.refused, self.refusal_reason)
+
+    def prepare(self, selected: list[SelectedParam]) -> Any:
+        """What a step needs of the selected parameters of one param group (default: tensors)."""
+        return [s.param for s in selected]
+
+    def before_step(self, groups: list[Group]) -> None:
+        """Run after the gradients of a real step exist and before the update."""
+
+    def after_step(self, groups: list[Group]) -> None:
+        """Run after the update of a real step (never on a step AMP skipped)."""
+
+    # -- the shared machinery --------------------------------------------------------------
+
+    def selected(self, pl_module: nn.Module) -> list[SelectedParam]:
+        """The selection of ``pl_module`` now, recomputed only when its parameters changed."""
+        key = _signature(pl_module.parameters())
+        if key != self._selected[0]:
+            self._selected = (key, self.selection.select(pl_module, allow_empty=True))
+        return self._selected[1]
+
+    def groups(self, optimizer: Any) -> list[Group]:
+        """The prepared, selected parameters of ``optimizer``, one entry per param group."""
+        (optimizer,) = real_optimizers([optimizer])
+        key = tuple(_signature(g["params"]) for g in optimizer.param_groups)
+        cached = self._groups.get(id(optimizer))
+        if cached is None or cached[0] != key:
+            assert self._module is not None, "groups() is only available during fit"
+            chosen = {id(s.param): s for s in self.selected(self._module)}
+            found = []
+            for group in optimizer.param_groups:
+                mine = [chosen[id(p)] for p in group["params"] if id(p) in chosen]
+                if mine:
+                    found.append((group, self.prepare(mine)))
+            cached = self._groups[id(optimizer)] = (key, found)
+        return cached[1]
+
+    def _run_before(self, optimizer: torch.optim.Optimizer) -> None:
+        self.before_step(self.groups(optimizer))
+
+    def _run_after(self, optimizer: torch.optim.Optimizer) -> None:
+        self.after_step(self.groups(optimizer))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_strategy(trainer)
+        self._module, self._groups, self._selected = pl_module, {}, ((), [])
+        selected = self.selected(pl_module)
+        if not self.needs_optimizer:
+            return
+        if not selected:
+            self.selection.select(pl_module)  # raises, naming the selection and the model
+        if not any([self.groups(opt) for opt in trainer.optimizers]):
+            raise RuntimeError(
+                f"{type(self).__name__}: none of the {len(selected)} selected parameters is in "
+                "an optimizer, so it would do nothing. Check configure_optimizers, or the "
+                "`params` selection."
+            )
+        self._hooks.attach(trainer.optimizers)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._hooks.detach()
+        self._module, self._groups, self._selected = None, {}, ((), [])
