@@ -527,5 +527,6 @@ class EarlyStoppingCallback(EarlyStopping):
         }
         # at training-epoch end Lightning logs epoch metrics at the epoch's last step; so do we
         step = max(batches_that_stepped(trainer) - int(bool(self._check_on_train_epoch_end)), 0)
-        for logger in trainer.loggers:
+        for logger in trainer.loggers:  # as Lightning's own logger connector does
             logger.log_metrics(metrics, step=step)
+            logger.save()

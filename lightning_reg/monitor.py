@@ -12,8 +12,11 @@ key                                     what                                    
 ``reg/monitor/norm/total``              ``sqrt(Σ ‖W‖²)`` over the selected weights  logging steps
 ``reg/monitor/sparsity``                fraction of selected weight entries that    logging steps
                                         are exactly ``0``
-``reg/monitor/hist/<layer>``            ``wandb.Histogram`` of each weight (only    logging steps
-                                        with a ``WandbLogger``)
+``reg/monitor/nonfinite``               number of NaN/inf entries of the selected   logging steps
+                                        weights (counted only once a norm is not
+                                        finite, otherwise 0)
+``reg/monitor/hist/<layer>``            ``wandb.Histogram`` of the finite entries   logging steps
+                                        of each weight (only with a ``WandbLogger``)
 ``reg/monitor/gap/<metric>``            ``train_<metric> − val_<metric>``           train epoch end
 ``reg/monitor/ece``                     expected calibration error of the           val epoch end
                                         validation predictions (torchmetrics
@@ -21,12 +24,13 @@ key                                     what                                    
 ======================================  ==========================================  ==============
 
 The step diagnostics are computed only on logging steps (Lightning's ``log_every_n_steps``, or
-``every_n_steps``), with one ``torch._foreach_norm`` for the norms and one for the non-zero
-counts, and a single device-to-host copy of the results. Like Lightning's own
-``LearningRateMonitor``, they are written straight to ``trainer.loggers`` (so every logger
-receives them, with Lightning's step counter); the epoch quantities (gap, ECE) go through
-``pl_module.log`` and so also appear in ``trainer.callback_metrics``, where ``EarlyStopping`` or
-``ModelCheckpoint`` can monitor them.
+``every_n_steps``), with one foreach norm kernel for the norms and one for the non-zero counts
+(accumulated in float32 or wider), and a single device-to-host copy of the results. The
+selection is resolved again when what is trainable changes (``BackboneFinetuning``). Like
+Lightning's own ``LearningRateMonitor``, they are written straight to ``trainer.loggers`` (so
+every logger receives them, with Lightning's step counter); the epoch quantities (gap, ECE) go
+through ``pl_module.log`` and so also appear in ``trainer.callback_metrics``, where
+``EarlyStopping`` or ``ModelCheckpoint`` can monitor them.
 
 How the ECE sees the validation logits (choose one):
 
@@ -42,18 +46,21 @@ The targets are read from the validation batch at ``target_key`` (index or dict 
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_reg.core.compat import batches_that_stepped, foreach_norm
 from lightning_reg.core.logging import is_logging_step
+from lightning_reg.core.param_callback import ParamCallback
 from lightning_reg.core.params import ParamSelection
-from lightning_reg.core.strategies import ALL_SHARDED, refuse_strategies
+from lightning_reg.core.strategies import ALL_SHARDED
 from lightning_reg.core.validation import check_int
 
 __all__ = ["RegularizationMonitorCallback", "layer_key"]
@@ -77,7 +84,7 @@ def _read_slot(batch: Any, key: int | str) -> Any:
         ) from err
 
 
-class RegularizationMonitorCallback(Callback):
+class RegularizationMonitorCallback(ParamCallback):
     """Log weight norms, sparsity, the train − validation gap and calibration (ECE).
 
     Args:
@@ -88,7 +95,8 @@ class RegularizationMonitorCallback(Callback):
         gap_metrics: metric names whose ``train_prefix + name`` and ``val_prefix + name`` are in
             ``trainer.callback_metrics``; the callback logs their difference (train − val) at
             the end of each training epoch in which validation ran. For an epoch mean rather
-            than the last step's value, log the train metric with ``on_epoch=True``.
+            than the last step's value, log the train metric with ``on_epoch=True``. A missing
+            metric gives one warning naming what was looked for and what was logged.
         params: which parameters count as weights: ``"weights"`` (ndim >= 2, outside norm
             layers), ``"all"`` or a :class:`~lightning_reg.core.ParamSelection`.
         histograms: with a ``WandbLogger``, also log a ``wandb.Histogram`` per weight.
@@ -102,9 +110,9 @@ class RegularizationMonitorCallback(Callback):
         ValueError: if ``every_n_steps`` < 1, ``num_classes`` < 2, ``histogram_bins`` < 1 or
             ``ece_bins`` < 1.
         TypeError: if ``gap_metrics`` is not a sequence of strings.
-        RuntimeError: during training, when a gap metric is missing from
-            ``trainer.callback_metrics`` or the validation logits cannot be found or do not
-            have shape ``(batch, num_classes)``. The message says how to fix it.
+        RuntimeError: at fit start under a sharded strategy; during validation, when the
+            logits cannot be found or do not have shape ``(batch, num_classes)``. The message
+            says how to fix it.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -130,7 +138,6 @@ class RegularizationMonitorCallback(Callback):
         train_prefix: str = "train_",
         val_prefix: str = "val_",
     ) -> None:
-        super().__init__()
         if every_n_steps is not None:
             check_int("every_n_steps", every_n_steps, minimum=1)
         if num_classes is not None:
@@ -146,7 +153,7 @@ class RegularizationMonitorCallback(Callback):
         self.every_n_steps = every_n_steps
         self.num_classes = num_classes
         self.gap_metrics = tuple(gap_metrics)
-        self.selection = ParamSelection.coerce(params)
+        super().__init__(params)
         self.histograms = bool(histograms)
         self.histogram_bins = histogram_bins
         self.ece_bins = ece_bins
@@ -155,28 +162,22 @@ class RegularizationMonitorCallback(Callback):
         self.val_prefix = val_prefix
         #: the latest step diagnostics written to the loggers (global rank 0 only), as floats.
         self.last_metrics: dict[str, float] = {}
-        self._names: list[str] = []
-        self._params: list[torch.Tensor] = []
         self._last_step = -1
+        self._warned_gap = False
         self._val_epoch = -1
         self._ece: Any = None
         self._hook: RemovableHandle | None = None
         self._captured: torch.Tensor | None = None
 
-    # ------------------------------------------------------------------ set-up
+    refused = ALL_SHARDED
+    refusal_reason = (
+        "the norms and sparsity of local shards are not the layers' (they would need an all-reduce)"
+    )
+    needs_optimizer = False
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refuse_strategies(
-            trainer,
-            "RegularizationMonitorCallback",
-            ALL_SHARDED,
-            "the norms and sparsity of local shards are not the layers' (they would need an "
-            "all-reduce)",
-        )
-        # Resolved here, after every callback's `setup` (model surgery) has run.
-        selected = self.selection.select(pl_module, allow_empty=True)
-        self._names = [layer_key(s.name) for s in selected]
-        self._params = [s.param for s in selected]
+        self._module = pl_module
         self._last_step = -1
 
     # ------------------------------------------------------------ step metrics
@@ -201,51 +202,53 @@ class RegularizationMonitorCallback(Callback):
         self._last_step = trainer.global_step
         self.log_step_metrics(trainer)
 
+    def _weights(self) -> tuple[list[str], list[torch.Tensor]]:
+        selected = self.selected(self._module) if self._module is not None else []
+        return [layer_key(s.name) for s in selected], [s.param.detach() for s in selected]
+
     @torch.no_grad()
     def compute_step_metrics(self) -> dict[str, torch.Tensor]:
         """Norms and sparsity of the selected weights, as 0-d tensors on their device."""
-        if not self._params:
+        names, params = self._weights()
+        if not params:
             return {}
-        params = [p.detach() for p in self._params]
-        out: dict[str, torch.Tensor] = {}
-        # Group by (device, dtype) for the foreach kernels; keep the original order of names.
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.device, p.dtype), []).append(i)
-        norms: list[torch.Tensor | None] = [None] * len(params)
+        norms: list[torch.Tensor] = [params[0]] * len(params)
         nonzero: list[torch.Tensor] = []
         for index in groups.values():
             tensors = [params[i] for i in index]
-            for i, n in zip(index, torch._foreach_norm(tensors)):
-                norms[i] = n.float()
-            nonzero.extend(c.float() for c in torch._foreach_norm(tensors, 0))
-        stacked = torch.stack([n for n in norms if n is not None])
-        for name, value in zip(self._names, stacked.unbind()):
-            out[f"{PREFIX}/norm/{name}"] = value
+            acc = torch.promote_types(tensors[0].dtype, torch.float32)
+            for i, n in zip(index, foreach_norm(tensors, 2, dtype=acc)):
+                norms[i] = n
+            nonzero.extend(foreach_norm(tensors, 0, dtype=acc))
+        wide = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        stacked = torch.stack([n.to(wide) for n in norms])
+        out = {f"{PREFIX}/norm/{name}": value for name, value in zip(names, stacked.unbind())}
         out[f"{PREFIX}/norm/total"] = stacked.square().sum().sqrt()
         numel = sum(p.numel() for p in params)
-        out[f"{PREFIX}/sparsity"] = 1.0 - torch.stack(nonzero).sum() / numel
+        out[f"{PREFIX}/sparsity"] = 1.0 - torch.stack([c.to(wide) for c in nonzero]).sum() / numel
         return out
 
     @torch.no_grad()
     def _histograms(self) -> dict[str, Any]:
         import wandb
 
-        params = [p.detach().float().flatten() for p in self._params]
-        lo = torch.stack([p.min() for p in params]).tolist()
-        hi = torch.stack([p.max() for p in params]).tolist()
-        bins = self.histogram_bins
-        counts = torch.stack(
-            [
-                torch.histc(p, bins=bins, min=a, max=b if b > a else a + 1.0)
-                for p, a, b in zip(params, lo, hi)
-            ]
-        ).tolist()
+        names, params = self._weights()
+        flat = [p.float().flatten() for p in params]
+        finite = [torch.isfinite(v) for v in flat]  # NaN/inf are left out of the histograms
+        lo = torch.stack([v.masked_fill(~f, math.inf).amin() for v, f in zip(flat, finite)])
+        hi = torch.stack([v.masked_fill(~f, -math.inf).amax() for v, f in zip(flat, finite)])
+        lo_list, hi_list = lo.tolist(), hi.tolist()
         out = {}
-        for name, c, a, b in zip(self._names, counts, lo, hi):
+        for name, v, a, b in zip(names, flat, lo_list, hi_list):
+            if not math.isfinite(a):
+                continue  # no finite entry at all
             b = b if b > a else a + 1.0
-            edges = [a + (b - a) * k / bins for k in range(bins + 1)]
-            out[f"{PREFIX}/hist/{name}"] = wandb.Histogram(np_histogram=(c, edges))
+            counts = torch.histc(v, bins=self.histogram_bins, min=a, max=b).tolist()
+            edges = [a + (b - a) * k / self.histogram_bins for k in range(self.histogram_bins + 1)]
+            out[f"{PREFIX}/hist/{name}"] = wandb.Histogram(np_histogram=(counts, edges))
         return out
 
     def log_step_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
@@ -254,11 +257,14 @@ class RegularizationMonitorCallback(Callback):
         if not tensors:
             return {}
         # One device-to-host copy for all scalars.
-        values = torch.stack([v.reshape(()) for v in tensors.values()]).tolist()
+        values = torch.stack([v.reshape(()).double() for v in tensors.values()]).tolist()
         metrics = dict(zip(tensors.keys(), values))
+        nonfinite = 0
+        if not math.isfinite(metrics[f"{PREFIX}/norm/total"]):
+            nonfinite = sum(int((~torch.isfinite(p)).sum()) for p in self._weights()[1])
+        metrics[f"{PREFIX}/nonfinite"] = float(nonfinite)
         self.last_metrics = metrics
-        step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
-        step = trainer.global_step if step is None else step
+        step = batches_that_stepped(trainer)
         hists: dict[str, Any] | None = None
         for logger in trainer.loggers:
             extra: Mapping[str, Any] = {}
@@ -279,13 +285,18 @@ class RegularizationMonitorCallback(Callback):
             train = _lookup(metrics, self.train_prefix + name, ("_epoch", "", "_step"))
             val = _lookup(metrics, self.val_prefix + name, ("", "_epoch"))
             if train is None or val is None:
-                missing = self.train_prefix + name if train is None else self.val_prefix + name
-                raise RuntimeError(
-                    f"RegularizationMonitorCallback(gap_metrics={list(self.gap_metrics)}) found "
-                    f"no {missing!r} in trainer.callback_metrics (available: "
-                    f"{sorted(metrics)}). Log it with `self.log({missing!r}, ...)` in your "
-                    "LightningModule, or change `gap_metrics` / `train_prefix` / `val_prefix`."
-                )
+                if not self._warned_gap:
+                    self._warned_gap = True
+                    missing = self.train_prefix + name if train is None else self.val_prefix + name
+                    warnings.warn(
+                        f"RegularizationMonitorCallback(gap_metrics={list(self.gap_metrics)}) "
+                        f"found no {missing!r} in trainer.callback_metrics (logged: "
+                        f"{sorted(metrics)}), so it logs no gap for {name!r}. Log it with "
+                        f"`self.log({missing!r}, ...)`, or change `gap_metrics` / "
+                        "`train_prefix` / `val_prefix` (`gap_metrics=()` turns this off).",
+                        stacklevel=2,
+                    )
+                continue
             gap = train.detach().float().to(pl_module.device) - val.detach().float().to(
                 pl_module.device
             )
@@ -389,6 +400,7 @@ class RegularizationMonitorCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._remove_hook()
 
 

@@ -290,8 +290,8 @@ class StochasticDepthWrapper(SurgeryWrapper):
     ``TransformerDecoderLayer(tgt, memory)`` works). A block that returns a tuple (some Hugging
     Face versions) has its first item dropped or scaled and the rest passed through; dropped, it
     returns ``None`` for the rest. The state dict has the block's own keys (no extra ``block.``
-    level), so checkpoints of the wrapped and of the plain model load into each other; the
-    block itself is ``wrapper.block``.
+    level), so checkpoints of the wrapped and of the plain model load into each other, and
+    attributes the wrapper does not have are read from the block (``wrapper.self_attn``).
 
     The output shape is checked against the input's the first time the block runs. If the very
     first training forward drops it, the block runs once in eval mode without gradients to check
@@ -358,6 +358,16 @@ class StochasticDepthWrapper(SurgeryWrapper):
     def unwrap(self) -> nn.Module:
         """The original block (the very same object)."""
         return self.block
+
+    def __getattr__(self, name: str) -> Any:
+        # Attribute reads fall through to the block: torch's TransformerEncoder reads
+        # ``layers[0].self_attn.batch_first`` on every forward (and HF/timm code reads layers).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            return getattr(self.block, name)
 
     def reset_counts(self) -> None:
         """Zero the drawn/dropped counters (the callback does it each step)."""

@@ -7,6 +7,7 @@ import math
 import kornia.augmentation as K
 import kornia.geometry.transform as KG
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -28,8 +29,8 @@ from lightning_reg.augmentation import (
     TokenMasking,
     sample_crop_boxes,
 )
-from tests.helpers.models_rewriters import RecordingModule, image_data
 from tests.helpers.models import SmallCNN, list_loader, tiny_trainer
+from tests.helpers.models_rewriters import RecordingModule, image_data
 
 FAST = settings(max_examples=20, deadline=None)
 
@@ -240,23 +241,91 @@ def test_compose_sample_then_apply_equals_forward_and_is_reproducible():
 
 
 @pytest.mark.parametrize(
-    "factory",
+    "factory, match",
     [
-        lambda: RandomHorizontalFlip(p=1.5),
-        lambda: RandomRotation(10.0, p=math.nan),
-        lambda: GaussianNoise(-1.0),
-        lambda: GaussianNoise(0.1, p=-0.1),
-        lambda: RandomAffineCrop(8, scale=(0.0, 1.0)),
-        lambda: RandomAffineCrop(8, hflip=2.0),
-        lambda: RandomResizedCrop(0),
-        lambda: ColorJitter(hue=0.7),
-        lambda: TimeMasking(-1),
-        lambda: RandomErasing(scale=(0.5, 0.1)),
+        (lambda: RandomHorizontalFlip(p=1.5), r"`p` must be .*\[0, 1\], got 1.5"),
+        (lambda: RandomRotation(10.0, p=math.nan), r"`p` must be .*got nan"),
+        (lambda: GaussianNoise(-1.0), r"`std` must be .*\[0, inf\), got -1.0"),
+        (lambda: GaussianNoise((0.2, 0.1)), r"`std` must satisfy low <= high"),
+        (lambda: GaussianNoise(0.1, p=-0.1), r"`p` must be .*got -0.1"),
+        (lambda: RandomAffineCrop(8, scale=(0.0, 1.0)), r"`scale\[0\]` must be .*\(0, 1\]"),
+        (lambda: RandomAffineCrop(8, hflip=2.0), r"`hflip` must be .*got 2.0"),
+        (lambda: RandomResizedCrop(0), r"`size\[0\]` must be in \[1"),
+        (lambda: RandomResizedCrop((8, 8, 8)), r"`size` must be an int or a \(height, width\)"),
+        (lambda: ColorJitter(hue=0.7), r"`hue\[0\]` must be .*\[-0.5, 0.5\]"),
+        (lambda: ColorJitter(brightness=(2.0, 1.0)), r"`brightness` must satisfy low <= high"),
+        (lambda: TimeMasking(-1), r"`max_width` must be"),
+        (lambda: RandomErasing(scale=(0.5, 0.1)), r"`scale` must satisfy low <= high"),
+        (
+            lambda: RandomRotation((1.0, 2.0, 3.0)),
+            r"`degrees` must be a number or a \(low, high\) pair",
+        ),
     ],
 )
-def test_transform_validation(factory):
-    with pytest.raises(ValueError):
+def test_transform_validation(factory, match):
+    with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_numpy_scalars_are_accepted():
+    """Issue 10: ``np.float32``/``np.int64`` hyperparameters (np.float32 is no Python float)."""
+    x = torch.rand(2, 3, 8, 8, generator=gen())
+    transforms = [
+        RandomRotation(np.float32(10.0), p=np.float32(0.5)),
+        GaussianNoise(np.float32(0.1), mean=np.float32(0.0)),
+        RandomResizedCrop(np.int64(6)),
+        RandomAffineCrop(np.int64(6), hflip=np.float32(0.5), degrees=np.float32(5.0)),
+        ColorJitter(np.float32(0.2), hue=np.float32(0.1)),
+        TimeMasking(np.int64(2), p=np.float32(0.5)),
+    ]
+    assert transforms[0].degrees == pytest.approx((-10.0, 10.0))
+    assert transforms[2].size == (6, 6) and type(transforms[2].size[0]) is int
+    for t in transforms:
+        assert t(x, gen()).shape[:2] == (2, 3)
+    assert DataAugmentationCallback(GaussianNoise(), p=np.float32(0.5)).p == 0.5
+
+
+def test_compose_accepts_plain_callables_in_the_callback():
+    """Issue 10 #11: ``Compose([..., fn])`` in the callback raised; other callables are allowed."""
+
+    def double(img):
+        return img * 2
+
+    pipe = Compose([RandomHorizontalFlip(1.0), double, GaussianNoise(0.1)])
+    x = torch.rand(4, 3, 6, 6, generator=gen())
+    out = DataAugmentationCallback(pipe, seed=0).augment(x)
+    again = DataAugmentationCallback(pipe, seed=0)
+    assert torch.equal(out, again.augment(x))
+    params = again.last_params["transform"]
+    assert set(params) == {"0", "2"}  # the plain function has no parameters
+    torch.testing.assert_close(pipe.apply(x, params), out, rtol=0, atol=0)
+    noise = params["2"]["noise"] * params["2"]["std"].view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, x.flip(-1) * 2 + noise)
+    kornia_step = Compose([K.RandomHorizontalFlip(p=1.0), GaussianNoise(0.0)])
+    torch.testing.assert_close(DataAugmentationCallback(kornia_step).augment(x), x.flip(-1))
+    with pytest.raises(RuntimeError, match=r"Use Compose\.draw_and_apply"):
+        pipe.sample_params(x.shape)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        RandomHorizontalFlip(0.5),
+        RandomResizedCrop(5),
+        RandomRotation(30.0, p=0.5),
+        RandomErasing(1.0),
+        RandomAffineCrop(5, degrees=20.0),
+    ],
+    ids=lambda t: type(t).__name__,
+)
+def test_image_transforms_accept_b_h_w_input(transform):
+    """Issue 10: the documented ``(B, H, W)`` input works and equals the ``(B, 1, H, W)`` one."""
+    x = torch.rand(6, 9, 9, generator=gen())
+    params = transform.sample_params(x.shape, generator=gen(1))
+    out = transform.apply(x, params)
+    ref = transform.apply(x.unsqueeze(1), params).squeeze(1)
+    assert out.shape == ref.shape and out.shape[0] == 6 and out.ndim == 3
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,3 +459,12 @@ def test_cuda_draws_on_device_reproducibly_and_keep_global_rng():
     torch.testing.assert_close(
         smooth_labels(y, 0.1, 5), smooth_labels(y.cpu(), 0.1, 5).to(dev), rtol=0, atol=0
     )
+    # Labels >= num_classes: a clear error on the first step on the device too (not a
+    # device-side assert from F.one_hot).
+    from lightning_reg.label_smoothing import LabelSmoothingCallback
+
+    bad = torch.full((16,), 7, device=dev)
+    with pytest.raises(RuntimeError, match=r"Class labels must be in \[0, 4\] for num_classes=5"):
+        MixUpCallback(num_classes=5).mix_batch(x, bad)
+    with pytest.raises(RuntimeError, match=r"Class labels must be in \[0, 4\] for num_classes=5"):
+        LabelSmoothingCallback(num_classes=5).smooth(bad)

@@ -294,6 +294,18 @@ def test_hook_tolerates_missing_columns_percent_files_and_unknown_names(tmp_path
     assert hooks.render_rows(rows, ["l2"])[0].splitlines()[2] == "| l2 | 0.5 |"
 
 
+def test_hook_markers_name_techniques_of_the_ablation():
+    from lightning_reg.demo import techniques
+
+    known = set(techniques.all_names())
+    for page in doc_pages():
+        for m in hooks.ROW_MARKER.finditer(page.read_text(encoding="utf-8")):
+            names = {n.strip() for n in m["names"].split(",")}
+            assert names <= known, (
+                f"{page.name}: {names - known} are not `lightning-reg list` names"
+            )
+
+
 def test_hook_markers_match_the_committed_results():
     rows = hooks.read_results(DOCS / hooks.RESULTS_CSV)
     if rows is None:

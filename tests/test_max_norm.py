@@ -148,13 +148,13 @@ def test_every_unit_stays_in_the_ball_after_every_step(precision, image, tmp_pat
 def test_projection_happens_once_per_real_step_under_accumulation():
     calls = []
     callback = MaxNormCallback(0.5)
-    original = callback.project
+    original = callback.after_step
 
-    def counting(tensors, **kw):
+    def counting(groups):
         calls.append(1)
-        return original(tensors, **kw)
+        return original(groups)
 
-    callback.project = counting  # type: ignore[method-assign]
+    callback.after_step = counting  # type: ignore[method-assign]
     trainer = tiny_trainer(max_steps=3, callbacks=[callback], accumulate_grad_batches=2)
     trainer.fit(ClassifierModule(MLP(), lr=1.0), _data())
     assert len(calls) == 3
@@ -168,13 +168,13 @@ def test_amp_skipped_step_projects_nothing():
 
     projected_at = []
     callback = MaxNormCallback(1e-3)
-    original = callback.project
+    original = callback.after_step
 
-    def spy(tensors, **kw):
+    def spy(groups):
         projected_at.append(trainer.fit_loop.epoch_loop.batch_idx)
-        return original(tensors, **kw)
+        return original(groups)
 
-    callback.project = spy  # type: ignore[method-assign]
+    callback.after_step = spy  # type: ignore[method-assign]
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=16.0))
     trainer = tiny_trainer(max_steps=3, callbacks=[callback], plugins=[plugin])
     trainer.fit(InfAtBatch(MLP(), lr=0.1), _data())

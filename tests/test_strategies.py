@@ -67,7 +67,7 @@ def test_monitor_refuses_sharded_strategies():
     from lightning_reg import RegularizationMonitorCallback
 
     with pytest.raises(RuntimeError, match="does not support ModelParallelStrategy"):
-        RegularizationMonitorCallback().on_train_start(
+        RegularizationMonitorCallback().on_fit_start(
             _trainer(ModelParallelStrategy()), MatrixModule()
         )
 

@@ -11,7 +11,7 @@ the selection is recomputed only when it changes. Subclasses say only what happe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,7 +31,9 @@ __all__ = ["Group", "ParamCallback", "resolve_params"]
 Group = tuple[dict[str, Any], Any]
 
 
-def resolve_params(params: torch.Tensor | nn.Module | Sequence[torch.Tensor]) -> list[SelectedParam]:
+def resolve_params(
+    params: torch.Tensor | nn.Module | Iterable[torch.Tensor],
+) -> list[SelectedParam]:
     """What a pure function acts on: a tensor, an iterable of tensors, or a module's "weights"."""
     if isinstance(params, nn.Module):
         return ParamSelection("weights").select(params, allow_empty=True)

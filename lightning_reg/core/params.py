@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -63,6 +64,10 @@ class SelectedParam:
     name: str
     param: nn.Parameter
     unit_dim: int = 0
+
+
+def _matches(name: str, globs: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
 def _declared_no_decay(model: nn.Module) -> tuple[set[str], list[tuple[str, str]]]:
@@ -154,7 +159,7 @@ class ParamSelection:
             or isinstance(owner, NORM_LAYER_TYPES)
             or _NORM_CLASS.search(type(owner).__name__)
             or _NO_DECAY_NAME.search(name.lower())
-            or any(fnmatch.fnmatchcase(name, n) for n in names)
+            or _matches(name, names)
             or any(name.startswith(p) and k in name[len(p) :] for p, k in keywords)
         )
 
@@ -174,8 +179,10 @@ class ParamSelection:
                     continue
                 if (
                     (declared is None or self._is_weight(name, param, module, declared))
-                    and (not self.include or any(fnmatch.fnmatchcase(name, g) for g in self.include))
-                    and not any(fnmatch.fnmatchcase(name, g) for g in self.exclude)
+                    and (
+                        not self.include or any(fnmatch.fnmatchcase(name, g) for g in self.include)
+                    )
+                    and not _matches(name, self.exclude)
                     and (not self.include_types or isinstance(module, self.include_types))
                     and not (self.exclude_types and isinstance(module, self.exclude_types))
                 ):
@@ -192,4 +199,3 @@ class ParamSelection:
     def parameters(self, model: nn.Module, *, allow_empty: bool = False) -> list[nn.Parameter]:
         """Shorthand for the parameter tensors of :meth:`select`."""
         return [s.param for s in self.select(model, allow_empty=allow_empty)]
-

@@ -95,6 +95,7 @@ class AblationConfig:
     split_seed: int = 0
     fast: bool = False
     config: Path | None = None
+    epochs_override: int | None = None
     monitor: str = "val_loss"
     mode: str = "min"
 

@@ -244,6 +244,7 @@ def _config(args: argparse.Namespace, ab: argparse.ArgumentParser) -> Any:
         wandb_project=args.wandb_project,
         fast=args.fast,
         config=args.config,
+        epochs_override=args.epochs if args.config is not None else None,
         monitor=args.monitor,
         mode=args.mode,
     )

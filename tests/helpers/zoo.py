@@ -258,6 +258,14 @@ class MemoryLogger(Logger):
     def version(self) -> int:
         return 0
 
+    @property
+    def experiment(self) -> MemoryLogger:
+        return self
+
+    @property
+    def metrics_keys(self) -> set[str]:
+        return self.keys
+
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self.history.append((step, {k: float(v) for k, v in metrics.items()}))
 
