@@ -1,6 +1,6 @@
 """Early stopping with best-weight restoring: the cost of a snapshot, and of the whole callback.
 
-* snapshot: our copy into preallocated CPU buffers (:func:`snapshot_state_dict_`) against what
+* snapshot: our copy into preallocated CPU buffers (:class:`BestWeights`) against what
   other code does on each improvement: Keras' ``model.get_weights()`` (new host arrays each time,
   here ``{k: v.detach().cpu().clone()}``) and the common PyTorch recipe
   ``copy.deepcopy(model.state_dict())``. Model: an MLP with about 4.2 M parameters (16 MiB).
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import Row, format_table, interleaved_ms
-from lightning_reg.early_stopping import EarlyStoppingCallback, snapshot_state_dict_
+from lightning_reg.early_stopping import BestWeights, EarlyStoppingCallback
 
 
 def _big_model(device: str = "cpu") -> nn.Module:
@@ -47,11 +47,10 @@ class _CountWeightCopies(TorchDispatchMode):
 
 def _snapshot_rows(quick: bool) -> list[Row]:
     model = _big_model()
-    buffers: dict = {}
+    best = BestWeights()
 
     def ours() -> None:
-        nonlocal buffers
-        buffers, _ = snapshot_state_dict_(buffers or None, model.state_dict())
+        best.save(model)
 
     def keras_like() -> None:
         {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -123,7 +122,7 @@ def _fit_rows(quick: bool) -> tuple[list[Row], str]:
             trainer.fit(module, loader, loader)
         counts[label] = counter.count
         counts["tensors"] = len(module.state_dict())
-        counts[f"{label}_snapshots"] = getattr(es, "num_snapshots", 0)
+        counts[f"{label}_snapshots"] = es.best_weights.saves if label == "ours" else 0
 
     ms = interleaved_ms(
         {"ours": lambda: fit("ours"), "lightning": lambda: fit("lightning")},
@@ -158,8 +157,10 @@ def _device_memory_note() -> str:
     before = torch.cuda.memory_allocated()
     peak_before = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    buffers, _ = snapshot_state_dict_(None, model.state_dict())
-    buffers, _ = snapshot_state_dict_(buffers, model.state_dict())
+    best = BestWeights()
+    best.save(model)
+    best.save(model)
+    buffers = best.wait()
     torch.cuda.synchronize()
     extra = torch.cuda.memory_allocated() - before
     peak_extra = torch.cuda.max_memory_allocated() - before

@@ -1,6 +1,6 @@
 """Your own LightningModule and LightningDataModule, ablated by ``lightning-reg ablate --config``.
 
-    lightning-reg ablate --config examples/configs/ablate_own_model.yaml --monitor val_acc --mode max
+    lightning-reg ablate --config examples/configs/ablate_own_model.yaml --monitor val_acc
     python examples/own_model.py --smoke        # one plain fit of the same model
 
 Nothing here knows about ``lightning_reg``: the command adds each technique's callbacks or

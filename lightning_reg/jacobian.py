@@ -26,12 +26,13 @@ the cross-sample terms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from typing_extensions import Self
 
+from lightning_reg.core import compat
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.validation import check_int, check_non_negative
 
@@ -60,12 +61,29 @@ def _check_projections(n_projections: Any) -> int | str:
     return check_int("n_projections", n_projections, 1)
 
 
+def _leaf(x: Tensor) -> Tensor:
+    """``x.detach().requires_grad_(True)``, refusing integer tensors with a how-to-fix."""
+    _check_float(x)
+    return x.detach().requires_grad_(True)
+
+
+def _check_float(inputs: Tensor) -> None:
+    if not (inputs.is_floating_point() or inputs.is_complex()):
+        raise TypeError(
+            f"`inputs` are integers ({inputs.dtype}), e.g. token ids; gradients w.r.t. them do "
+            "not exist. Differentiate w.r.t. the embedding output instead, e.g. "
+            "`x = self.embed(ids); x = self.jacobian_inputs(x)`, and feed `x` to the rest of the "
+            "model."
+        )
+
+
 def _check_graph(inputs: Tensor, outputs: Tensor, what: str) -> None:
     if not isinstance(inputs, Tensor) or not isinstance(outputs, Tensor):
         raise TypeError(f"`inputs` and `{what}` must be tensors")
+    _check_float(inputs)
     if not inputs.requires_grad:
         raise RuntimeError(
-            f"`inputs` does not require grad, so ∂{what}/∂inputs is undefined: " + _HOW_TO_FIX + "."
+            f"`inputs` does not require grad, so ∂{what}/∂inputs is undefined: {_HOW_TO_FIX}."
         )
     if not torch.is_grad_enabled():
         raise RuntimeError(
@@ -76,37 +94,24 @@ def _check_graph(inputs: Tensor, outputs: Tensor, what: str) -> None:
     if not outputs.requires_grad:
         raise RuntimeError(
             f"`{what}` does not require grad: it was not computed from `inputs` with gradients "
-            "enabled. " + _HOW_TO_FIX + "."
+            f"enabled. {_HOW_TO_FIX}."
         )
 
 
-def _vjp(
-    outputs: Tensor,
-    inputs: Tensor,
-    grad_outputs: Tensor,
-    create_graph: bool,
-    grad_scale: Tensor | float | None,
-) -> Tensor:
-    if grad_scale is not None:
-        grad_outputs = grad_outputs * grad_scale
+def _vjp(out: Tensor, inp: Tensor, v: Tensor, graph: bool, scale: Tensor | float | None) -> Tensor:
+    """``vᵀ·∂out/∂inp`` in float32 or wider; under fp16 AMP on ``v·scale``, then unscaled."""
+    if scale is not None:
+        v = v * scale
     (grad,) = torch.autograd.grad(
-        outputs,
-        inputs,
-        grad_outputs=grad_outputs.to(outputs.dtype),
-        retain_graph=True,
-        create_graph=create_graph,
-        allow_unused=True,
+        out, inp, v.to(out.dtype), retain_graph=True, create_graph=graph, allow_unused=True
     )
     if grad is None:
         raise RuntimeError(
-            "`outputs` were not computed from `inputs` (no path in the autograd graph): "
-            + _HOW_TO_FIX
-            + "."
+            f"`outputs` were not computed from `inputs` (no path in the autograd graph): "
+            f"{_HOW_TO_FIX}."
         )
     grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
-    if grad_scale is not None:
-        grad = grad * (1.0 / grad_scale)
-    return grad
+    return grad if scale is None else grad * (1.0 / scale)
 
 
 def random_unit_projections(
@@ -173,10 +178,8 @@ def jacobian_penalty(
     dim = outputs[0].numel() if batch > 0 else 0
     if batch == 0 or dim == 0:
         return outputs.new_zeros((), dtype=torch.float32)
-    total: Tensor | None = None
-    if n == "exact":
-        basis = torch.eye(dim, device=outputs.device, dtype=torch.float32)
-        projections = [basis[c].expand(batch, dim) for c in range(dim)]
+    if n == "exact":  # v = e_c for each output dimension c
+        projections = torch.eye(dim, device=outputs.device).unsqueeze(1).expand(dim, batch, dim)
         factor = 1.0
     else:
         projections = [
@@ -184,11 +187,10 @@ def jacobian_penalty(
             for _ in range(int(n))
         ]
         factor = dim / int(n)
-    for v in projections:
-        grad = _vjp(outputs, inputs, v.reshape(outputs.shape), create_graph, grad_scale)
-        sq = grad.pow(2).sum()
-        total = sq if total is None else total + sq
-    assert total is not None
+    total = sum(
+        _vjp(outputs, inputs, v.reshape(outputs.shape), create_graph, grad_scale).pow(2).sum()
+        for v in projections
+    )
     return total * (factor / batch)
 
 
@@ -234,24 +236,42 @@ def input_gradient_penalty(
 
 def _amp_grad_scale(module: Any) -> Tensor | float | None:
     """The fp16 ``GradScaler``'s current scale (a tensor: no host sync), or ``None``."""
-    trainer = getattr(module, "_trainer", None)
-    plugin = getattr(trainer, "precision_plugin", None)
+    plugin = getattr(compat.attached_trainer(module), "precision_plugin", None)
     scaler = getattr(plugin, "scaler", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+    if scaler is None or not scaler.is_enabled():
         return None
-    get_async = getattr(scaler, "_get_scale_async", None)
-    scale = get_async() if get_async is not None else None
-    if scale is None:  # before the first `scaler.scale(loss)`: the initial scale
-        return float(scaler.get_scale())
-    return scale.detach().float()
+    scale = compat.grad_scaler_scale(scaler)
+    # before the first `scaler.scale(loss)` there is no scale tensor yet: the initial scale
+    return float(scaler.get_scale()) if scale is None else scale.detach().float()
 
 
-def _log_if_training(module: Any, key: str, value: Tensor) -> None:
-    trainer = getattr(module, "_trainer", None)
-    if trainer is None or not getattr(trainer, "training", False):
-        return
-    if is_logging_step(trainer):
+def _weighted(
+    module: Any, weight: float, key: str, penalty: Callable[..., Tensor], *args: Tensor, **kw: Any
+) -> Tensor:
+    """``weight · penalty(*args, grad_scale=..., **kw)``, logged unweighted as ``key``."""
+    if weight == 0.0:
+        return args[-1].new_zeros((), dtype=torch.float32)
+    value = penalty(*args, grad_scale=_amp_grad_scale(module), **kw)
+    trainer = compat.attached_trainer(module)
+    if getattr(trainer, "training", False) and is_logging_step(trainer):
         log_scalars(module, {key: value})
+    return weight * value
+
+
+class _Checked:
+    """An attribute validated on assignment by ``check(name, value)``, with a default."""
+
+    def __init__(self, check: Callable[[str, Any], Any], default: Any) -> None:
+        self.check, self.default = check, default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else obj.__dict__.get(self.name, self.default)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = self.check(self.name, value)
 
 
 class JacobianPenaltyMixin:
@@ -311,32 +331,20 @@ class JacobianPenaltyMixin:
         arXiv:1908.02729, 2019.
     """
 
-    _jacobian_weight: float = 0.01
-    _jacobian_projections: int | str = 1
-
-    @property
-    def jacobian_weight(self) -> float:
-        return self._jacobian_weight
-
-    @jacobian_weight.setter
-    def jacobian_weight(self, value: float) -> None:
-        self._jacobian_weight = check_non_negative("jacobian_weight", value)
-
-    @property
-    def jacobian_projections(self) -> int | str:
-        return self._jacobian_projections
-
-    @jacobian_projections.setter
-    def jacobian_projections(self, value: int | str) -> None:
-        self._jacobian_projections = _check_projections(value)
+    jacobian_weight = _Checked(check_non_negative, 0.01)
+    jacobian_projections = _Checked(lambda _, value: _check_projections(value), 1)
 
     @staticmethod
     def jacobian_inputs(x: Tensor) -> Tensor:
-        """``x.detach().requires_grad_(True)``: a leaf to differentiate the outputs against."""
-        return x.detach().requires_grad_(True)
+        """``x.detach().requires_grad_(True)``: a leaf to differentiate the outputs against.
+
+        Raises:
+            TypeError: for integer inputs (token ids): pass the embedding output instead.
+        """
+        return _leaf(x)
 
     def jacobian_penalty(
-        self: Self,
+        self,
         inputs: Tensor,
         outputs: Tensor,
         *,
@@ -346,13 +354,8 @@ class JacobianPenaltyMixin:
         """``weight · jacobian_penalty(inputs, outputs)`` (defaults from the attributes)."""
         w = self.jacobian_weight if weight is None else check_non_negative("weight", weight)
         n = self.jacobian_projections if n_projections is None else n_projections
-        if w == 0.0:
-            return outputs.new_zeros((), dtype=torch.float32)
-        estimate = jacobian_penalty(
-            inputs, outputs, n_projections=n, grad_scale=_amp_grad_scale(self)
-        )
-        _log_if_training(self, "reg/jacobian/frobenius_sq", estimate)
-        return w * estimate
+        key = "reg/jacobian/frobenius_sq"
+        return _weighted(self, w, key, jacobian_penalty, inputs, outputs, n_projections=n)
 
 
 class InputGradientPenaltyMixin:
@@ -385,28 +388,17 @@ class InputGradientPenaltyMixin:
         backpropagation", IEEE Transactions on Neural Networks 3(6), 1992.
     """
 
-    _input_gradient_weight: float = 0.01
-
-    @property
-    def input_gradient_weight(self) -> float:
-        return self._input_gradient_weight
-
-    @input_gradient_weight.setter
-    def input_gradient_weight(self, value: float) -> None:
-        self._input_gradient_weight = check_non_negative("input_gradient_weight", value)
+    input_gradient_weight = _Checked(check_non_negative, 0.01)
 
     @staticmethod
     def input_gradient_inputs(x: Tensor) -> Tensor:
-        """``x.detach().requires_grad_(True)``."""
-        return x.detach().requires_grad_(True)
+        """``x.detach().requires_grad_(True)`` (``TypeError`` for integer inputs)."""
+        return _leaf(x)
 
     def input_gradient_penalty(
-        self: Self, inputs: Tensor, loss: Tensor, *, weight: float | None = None
+        self, inputs: Tensor, loss: Tensor, *, weight: float | None = None
     ) -> Tensor:
         """``weight · input_gradient_penalty(inputs, loss)``."""
         w = self.input_gradient_weight if weight is None else check_non_negative("weight", weight)
-        if w == 0.0:
-            return loss.new_zeros((), dtype=torch.float32)
-        value = input_gradient_penalty(inputs, loss, grad_scale=_amp_grad_scale(self))
-        _log_if_training(self, "reg/input_gradient/norm_sq", value)
-        return w * value
+        key = "reg/input_gradient/norm_sq"
+        return _weighted(self, w, key, input_gradient_penalty, inputs, loss)

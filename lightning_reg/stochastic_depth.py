@@ -558,10 +558,10 @@ def apply_stochastic_depth(
     if not any(wrappable for _, wrappable in candidates):
         present = ", ".join(sorted({type(m).__name__ for m in model.modules()}))
         wanted = "residual" if types is None else ", ".join(t.__name__ for t in types)
-        skipped = f" ({len(candidates)} found, all with a downsample)" if candidates else ""
+        skipped = f", {len(candidates)} found, all with a downsample" if candidates else ""
         raise RuntimeError(
-            f"Stochastic depth found no shape-preserving {wanted} block to wrap{skipped}. The "
-            f"model contains: {present}. Name your residual block type in `block_types`."
+            f"Stochastic depth found no shape-preserving block to wrap (type: {wanted}{skipped})."
+            f" The model contains: {present}. Name your residual block type in `block_types`."
         )
     total = len(candidates)
     probs = survival_probabilities(total, p_last, schedule)

@@ -260,3 +260,93 @@ def test_hooks_do_not_run_on_a_step_skipped_by_grad_scaler():
     scaler.step(opt)
     assert calls == [1]
     hooks.detach()
+
+
+# ----------------------------------------- the "weights" rule against the zoos' own rules
+
+
+def _names(model: nn.Module) -> set[str]:
+    return {s.name for s in ParamSelection("weights").select(model)}
+
+
+def test_weights_rule_equals_timms_own_grouping_on_a_vit():
+    timm = pytest.importorskip("timm")
+    from timm.optim import param_groups_weight_decay
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2
+    )
+    groups = param_groups_weight_decay(vit, 0.05, no_weight_decay_list=vit.no_weight_decay())
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    expected = {n for n, p in vit.named_parameters() if id(p) in decayed}
+    assert _names(vit) == expected
+    assert not {"pos_embed", "cls_token"} & _names(vit)
+
+
+def test_timm_declarations_are_read_on_submodules_with_their_prefix():
+    class Declares(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.zeros(3, 3))  # 2-D: a weight unless declared
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(4, 2))
+            self.proj = nn.Linear(3, 3)
+
+        def no_weight_decay(self) -> set[str]:
+            return {"table"}
+
+        def no_weight_decay_keywords(self) -> set[str]:
+            return {"relative_position"}
+
+    wrapper = nn.Module()
+    wrapper.model = Declares()  # a LightningModule holding a timm model looks like this
+    wrapper.other = nn.Linear(3, 3)
+    wrapper.other_table = nn.Parameter(torch.zeros(2, 2))  # same short name, not declared
+    assert _names(wrapper) == {"model.proj.weight", "other.weight", "other_table"}
+
+
+def test_weights_rule_equals_hugging_face_trainer_minus_positional_embeddings():
+    transformers = pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification
+    from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    model = BertForSequenceClassification(config)
+    hf = set(get_parameter_names(model, ALL_LAYERNORM_LAYERS, ["bias", "layernorm", "rmsnorm"]))
+    assert hf == set(transformers.Trainer.get_decay_parameter_names(None, model))
+    positional = {n for n in hf if "position_embeddings" in n}
+    assert positional == {"bert.embeddings.position_embeddings.weight"}
+    assert _names(model) == hf - positional
+
+
+def test_unit_dim_is_1_for_conv_transpose_and_0_elsewhere():
+    model = nn.Sequential(
+        nn.ConvTranspose1d(2, 3, 3),
+        nn.ConvTranspose3d(2, 3, 1),
+        nn.Conv2d(3, 4, 1),
+        nn.Linear(2, 2),
+    )
+    dims = {s.name: s.unit_dim for s in ParamSelection("weights").select(model)}
+    assert dims == {"0.weight": 1, "1.weight": 1, "2.weight": 0, "3.weight": 0}
+
+
+def test_custom_norm_classes_and_class_tokens_are_not_weights():
+    class LlamaRMSNorm(nn.Module):  # Hugging Face's own norm classes subclass nn.Module
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(2, 2))
+
+    model = nn.Module()
+    model.norm_layer = LlamaRMSNorm()
+    model.class_token = nn.Parameter(torch.zeros(1, 1, 4))
+    model.encoder = nn.Module()
+    model.encoder.pos_embedding = nn.Parameter(torch.zeros(1, 5, 4))  # torchvision ViT names
+    model.fc = nn.Linear(4, 2)
+    assert _names(model) == {"fc.weight"}

@@ -282,6 +282,30 @@ def test_hook_renders_requested_rows_with_the_baseline_first(tmp_path: Path):
     assert "95 % confidence interval over 5 seeds" in table
 
 
+def test_hook_renders_the_demo_layout_skipped_rows_and_page_specific_columns(tmp_path: Path):
+    # the layout `lightning-reg ablate` writes: status/strength/reason, Δ and p, <metric>_mean/_ci
+    rows = _csv(
+        tmp_path,
+        "technique,status,strength,seeds,delta_acc,delta_acc_ci,p_value,test_acc_mean,"
+        "test_acc_ci,stopped_epoch_mean,stopped_epoch_ci,reason\n"
+        "baseline,ok,-,3,0,0,nan,0.67,0.01,nan,nan,\n"
+        "early_stopping,ok,patience 10,3,0.02,0.01,0.03,0.69,0.01,23.3,4.1,\n"
+        "jacobian,skipped,,0,nan,nan,nan,nan,nan,nan,nan,needs JacobianPenaltyMixin\n",
+    )
+    table = hooks.render_rows(rows, ["early_stopping", "jacobian"])[0].splitlines()
+    assert table[0] == (
+        "| technique | strength | test acc % | Δ acc pp | p (paired) | stopped at epoch |"
+    )
+    assert table[2] == "| `baseline` | - | 67.0 ± 1.0 | +0.0 ± 0.0 | – | – |"
+    assert (
+        table[3]
+        == "| `early_stopping` | patience 10 | 69.0 ± 1.0 | +2.0 ± 1.0 | 0.030 * | 23.3 ± 4.1 |"
+    )
+    assert table[4] == "| `jacobian` |  | skipped: needs JacobianPenaltyMixin |  |  |  |"
+    # a page without early stopping does not get its (empty) epoch column
+    assert "stopped at epoch" not in hooks.render_rows(rows, ["baseline"])[0]
+
+
 def test_hook_tolerates_missing_columns_percent_files_and_unknown_names(tmp_path: Path):
     rows = _csv(tmp_path, "technique,test_acc_mean,test_acc_std\nbaseline,67.1,1.5\nl2,70.2,\n")
     table, missing = hooks.render_rows(rows, ["l2", "nope"])

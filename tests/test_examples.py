@@ -11,7 +11,11 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if p.name != "cli.py")
-CONFIGS = sorted((EXAMPLES / "configs").glob("*.yaml"))
+#: LightningCLI configs of the demo model (``ablate_*.yaml`` are for ``lightning-reg ablate``).
+CONFIGS = sorted(
+    p for p in (EXAMPLES / "configs").glob("*.yaml") if not p.stem.startswith("ablate")
+)
+ABLATE_CONFIG = EXAMPLES / "configs" / "ablate_own_model.yaml"
 
 
 def _load(path: Path) -> ModuleType:
@@ -93,3 +97,18 @@ def test_lightning_cli_config_parses_and_fits_one_step(config, monkeypatch):
         entry["class_path"] for entry in listed
     ]
     assert all(isinstance(cb, Callback) for cb in ours)
+
+
+def test_ablate_own_model_yaml_is_a_plain_lightning_cli_config(monkeypatch):
+    """The ``--config`` example is the file ``LightningCLI ... fit --config`` accepts."""
+    from lightning.pytorch.cli import LightningCLI
+
+    monkeypatch.syspath_prepend(str(EXAMPLES.parent))
+    cli = LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        args=["fit", "--config", str(ABLATE_CONFIG), "--trainer.max_epochs=1"],
+    )
+    assert type(cli.model).__name__ == "TinyClassifier"
+    assert cli.trainer.current_epoch == 1 and "val_acc" in cli.trainer.callback_metrics

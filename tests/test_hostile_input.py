@@ -67,6 +67,21 @@ ROWS: list[tuple[str, Callable[[Any], Any], Callable[[Any], bool]]] = [
         lambda v: lr.EarlyStoppingCallback("m", start_from_epoch=v),
         lambda v: integer(v) and v >= 0,
     ),
+    (
+        "stopping_threshold",
+        lambda v: lr.EarlyStoppingCallback("m", stopping_threshold=v),
+        lambda v: v is None or real(v),
+    ),
+    (
+        "divergence_threshold",
+        lambda v: lr.EarlyStoppingCallback("m", divergence_threshold=v),
+        lambda v: v is None or real(v),
+    ),
+    (
+        "baseline",
+        lambda v: lr.EarlyStoppingCallback("m", baseline=v),
+        lambda v: v is None or real(v),
+    ),
     ("virtual_batch_size", lambda v: lr.GhostBatchNormCallback(v), lambda v: integer(v) and v >= 1),
     ("num_batches", lambda v: lr.PreciseBatchNormCallback(v), lambda v: integer(v) and v >= 1),
     ("survival_prob", lambda v: lr.StochasticDepthCallback(v), lambda v: real(v) and 0 < v <= 1),

@@ -148,6 +148,26 @@ def test_bad_input_raises():
         jacobian_penalty(xr, model(xr)[:2])
 
 
+def test_integer_inputs_point_at_the_embedding_output():
+    # issue 10: token ids used to get "does not require grad" / a torch dtype error
+    embed = torch.nn.Embedding(10, 4)
+    ids = torch.randint(0, 10, (3, 5))
+    how = (
+        r"integers \(torch.int64\), e.g. token ids; gradients w.r.t. them do not exist.*"
+        r"x = self.embed\(ids\); x = self.jacobian_inputs\(x\)"
+    )
+    with pytest.raises(TypeError, match=how):
+        jacobian_penalty(ids, embed(ids).sum(1))
+    with pytest.raises(TypeError, match=how):
+        input_gradient_penalty(ids, embed(ids).sum())
+    with pytest.raises(TypeError, match=how):
+        JacobianPenaltyMixin.jacobian_inputs(ids)
+    with pytest.raises(TypeError, match=how):
+        InputGradientPenaltyMixin.input_gradient_inputs(ids)
+    x = JacobianPenaltyMixin.jacobian_inputs(embed(ids))  # the fix the message gives works
+    assert float(jacobian_penalty(x, x.sum(1), n_projections="exact")) == pytest.approx(5 * 4)
+
+
 # --------------------------------------------------------------------------- the mixins
 
 

@@ -214,3 +214,59 @@ def test_constraint_callback_non_neg_in_training():
 def test_bad_input_raises_value_error(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+# ------------------------------------------------- issue 10: inputs, layouts and precisions
+
+
+def test_bare_tensor_is_one_tensor_not_an_iterable_of_rows():
+    w = torch.tensor([[3.0, 4.0]])
+    max_norm_(w, 1.0)
+    torch.testing.assert_close(w, torch.tensor([[0.6, 0.8]]))
+    u = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    unit_norm_(u)
+    torch.testing.assert_close(u, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    v = torch.tensor([[-1.0, 2.0]])
+    non_neg_(v)
+    assert torch.equal(v, torch.tensor([[0.0, 2.0]]))
+
+
+def test_module_input_uses_its_weights_and_conv_transpose_units_are_dim_1():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(3, 5, 3), nn.BatchNorm2d(5), nn.Conv2d(5, 4, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10.0)
+    bias, bn = model[0].bias.detach().clone(), model[1].weight.detach().clone()
+    stats = max_norm_(model, 1.0, return_stats=True)
+    # ConvTranspose weight is (in=3, out=5, k, k): its 5 units are along dim 1
+    unit_norms = model[0].weight.detach().transpose(0, 1).flatten(1).norm(dim=1)
+    torch.testing.assert_close(unit_norms, torch.ones(5))
+    torch.testing.assert_close(model[2].weight.detach().flatten(1).norm(dim=1), torch.ones(4))
+    assert torch.equal(model[0].bias, bias) and torch.equal(model[1].weight, bn)
+    assert stats is not None and stats["units"].item() == 5 + 4
+
+
+@pytest.mark.parametrize("constraint", ["max_norm", "unit_norm"])
+def test_float64_parameters_under_64_true(constraint):
+    torch.manual_seed(0)
+    module = ClassifierModule(MLP(hidden=(16,)), lr=1.0)
+    callback = WeightConstraintCallback(constraint, max_norm=0.5)
+    trainer = tiny_trainer(max_steps=3, callbacks=[callback], precision="64-true")
+    trainer.fit(module, _data())
+    norms = torch.cat([p.detach().norm(dim=1) for p in module.parameters() if p.ndim >= 2])
+    assert norms.dtype == torch.float64
+    target = torch.full_like(norms, 0.5 if constraint == "max_norm" else 1.0)
+    if constraint == "max_norm":
+        assert (norms <= target * (1 + 1e-12)).all()
+    else:
+        torch.testing.assert_close(norms, target)
+
+
+def test_bfloat16_norms_accumulate_in_float32():
+    w = torch.full((2, 4096), 0.01, dtype=torch.bfloat16)  # ‖row‖ = 0.64: inside r = 0.7
+    before = w.clone()
+    stats = max_norm_(w, 0.7, return_stats=True)
+    assert stats is not None and stats["projected"].item() == 0
+    assert torch.equal(w, before)
+    assert stats["max_unit_norm"].item() == pytest.approx(0.64, rel=1e-2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -234,13 +235,62 @@ def test_ece_wrong_num_classes_raises():
         )
 
 
-def test_missing_gap_metric_raises():
+def test_missing_gap_metric_warns_once_and_training_goes_on():
     x, y = _data(32)
     monitor = RegularizationMonitorCallback(gap_metrics=("acc",))
-    with pytest.raises(RuntimeError, match=r"no 'train_acc' in trainer.callback_metrics"):
-        tiny_trainer(max_epochs=1, callbacks=[monitor]).fit(
-            _module(), list_loader(x, y, 16), list_loader(x, y, 16)
-        )
+    trainer = tiny_trainer(max_epochs=2, callbacks=[monitor])
+    with pytest.warns(UserWarning, match=r"no 'train_acc' in trainer.callback_metrics") as got:
+        trainer.fit(_module(), list_loader(x, y, 16), list_loader(x, y, 16))
+    assert trainer.current_epoch == 2
+    ours = [w for w in got if "gap_metrics" in str(w.message)]
+    assert len(ours) == 1 and "train_loss" in str(ours[0].message)  # names what was logged
+
+
+def test_fp16_and_float64_weights_give_exact_statistics():
+    module = _module()
+    head = module.model.head
+    head.half()
+    with torch.no_grad():
+        head.weight.fill_(1.0)  # all ones: an fp16 count or sum of squares would overflow
+    big = torch.nn.Linear(300, 300, bias=False).half()
+    with torch.no_grad():
+        big.weight.fill_(1.0)
+    module.model.big = big
+    monitor = RegularizationMonitorCallback()
+    monitor.on_train_start(None, module)  # type: ignore[arg-type]
+    got = monitor.compute_step_metrics()
+    assert got["reg/monitor/norm/model.big"].item() == pytest.approx(300.0)
+    assert got["reg/monitor/sparsity"].item() == pytest.approx(0.0, abs=1e-6)
+    module.double()
+    got = RegularizationMonitorCallback()
+    got.on_train_start(None, module)  # type: ignore[arg-type]
+    assert got.compute_step_metrics()["reg/monitor/norm/total"].dtype == torch.float64
+
+
+def test_nan_weights_are_counted_and_left_out_of_histograms():
+    pytest.importorskip("wandb")
+    module = _module()
+    with torch.no_grad():
+        module.model.head.weight[0, :2] = float("nan")
+        module.model.head.weight[1, 0] = float("inf")
+        module.model.features[0].weight.fill_(float("nan"))  # no finite entry at all
+    monitor = RegularizationMonitorCallback()
+    monitor.on_train_start(None, module)  # type: ignore[arg-type]
+    hists = monitor._histograms()  # torch.histc used to raise on a NaN range
+    finite = torch.isfinite(module.model.head.weight).sum().item()
+    assert sum(hists["reg/monitor/hist/model.head"].histogram) == finite
+    assert "reg/monitor/hist/model.features.0" not in hists
+
+    class Logger:
+        logged: dict = {}
+
+        def log_metrics(self, metrics, step):
+            self.logged.update(metrics)
+
+    trainer = SimpleNamespace(loggers=[Logger()], global_step=0, fit_loop=None)
+    metrics = monitor.log_step_metrics(trainer)  # type: ignore[arg-type]
+    weight = module.model.features[0].weight
+    assert metrics["reg/monitor/nonfinite"] == 3 + weight.numel()
 
 
 def test_hook_removed_after_validation():

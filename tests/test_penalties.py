@@ -350,3 +350,13 @@ def test_nan_loss_is_not_masked():
     module = NaNLoss(MLP(), lr=0.1)
     _fit(module, [L2Callback(0.1), L1Callback(0.1, proximal=True)], steps=1)
     assert torch.isnan(module.model[0].weight).all()
+
+
+def test_half_precision_sums_accumulate_in_float32_and_float64_stays_float64():
+    ones = torch.ones(300, 300, dtype=torch.float16)
+    assert l1_penalty([ones]).item() == 90000.0  # an fp16 sum overflows to inf
+    assert l2_penalty([ones.bfloat16()], 2.0).item() == 90000.0
+    mixed = [torch.ones(3, dtype=torch.float64), torch.ones(2, dtype=torch.bfloat16)]
+    got = elastic_net_penalty(mixed, 1.0, 2.0)
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(10.0, rel=1e-6)
+    assert l2_penalty(torch.full((2,), 0.1, dtype=torch.float64)).dtype == torch.float64

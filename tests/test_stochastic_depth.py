@@ -32,18 +32,12 @@ from tests.helpers.models import (
     random_classification,
     tiny_trainer,
 )
-
-
-class LinearResidual(nn.Module):
-    """``x + W x``: residual block that is linear in its input (so a stack of randomly dropped
-    ones is multilinear in the independent keep decisions and its mean is exact)."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc(x)
+from tests.helpers.models_surgery import (
+    ZOO_BLOCKS,
+    BatchNormResidual,
+    LinearResidual,
+    zoo_model,
+)
 
 
 def _wrappers(model: nn.Module) -> list[StochasticDepthWrapper]:
@@ -382,16 +376,16 @@ def test_bad_arguments_raise_value_error():
         StochasticDepthCallback(0.5, block_types=["math.pi"])
 
 
-def test_row_mode_refuses_unknown_extra_tensor_args():
-    class TwoInput(nn.Module):
-        def forward(self, x, y):
-            return x + y
+def test_row_mode_slices_batch_shaped_extra_args_by_position_and_keyword():
+    class Extra(nn.Module):
+        def forward(self, x, y, *, pair, scale):
+            return x + y * pair[0] + pair[1] * scale
 
-    w = StochasticDepthWrapper(TwoInput(), 0.5, mode="row")
-    w.generator = torch.Generator().manual_seed(0)
-    with pytest.raises(RuntimeError, match="mode='batch'"):
-        for _ in range(20):  # until a draw keeps some but not all rows
-            w(torch.randn(8, 3), torch.randn(8, 3))
+    x, y, a, b = torch.randn(6, 3), torch.randn(6, 3), torch.randn(6, 1), torch.randn(1, 3)
+    keep = torch.tensor([True, False, True, True, False, True])
+    out = stochastic_depth(Extra(), x, keep, 0.5, y, pair=(a, b), scale=2.0)
+    ref = x + keep[:, None] * (Extra()(x, y, pair=(a, b), scale=2.0) - x) / 0.5
+    torch.testing.assert_close(out, ref)
 
 
 # ----------------------------------------------------------------------------- Lightning
@@ -483,10 +477,10 @@ def test_resume_continues_the_same_stream(tmp_path, mode):
     _, straight, cb_straight = run(2)
     trainer, _, cb_half = run(1)
     trainer.save_checkpoint(tmp_path / "half.ckpt")
-    assert cb_half.state_dict() == {"seed": 0, "batches_seen": 4, "mode": mode}
+    assert cb_half.state_dict() == {"seed": 0, "counter": 4}
     _, resumed, cb_resumed = run(2, ckpt=tmp_path / "half.ckpt", torch_seed=123)
     assert cb_resumed.seed == cb_straight.seed == 0
-    assert cb_resumed.batches_seen == cb_straight.batches_seen == 8
+    assert cb_resumed.rng.counter == cb_straight.rng.counter == 8
     assert param_hash(resumed) == param_hash(straight)
 
 
@@ -527,3 +521,123 @@ def test_ddp_row_mode_and_disagreeing_ranks_do_not_hang(ddp_pool):
     assert r0["steps"] == r1["steps"] == 8
     assert r0["trace"] != r1["trace"]
     assert r0["hash"] == r1["hash"]
+
+
+# ----------------------------------------------------------------------------- model zoo
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_BLOCKS))
+def test_zoo_default_blocks_eval_exact_state_dict_both_ways_and_training(name):
+    model, run = zoo_model(name, dropout=0.0)
+    model.eval()
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = run(model)
+    changes = apply_stochastic_depth(model, 0.5)
+    assert [c.path for c in changes] == ZOO_BLOCKS[name]
+    with torch.no_grad():
+        assert torch.equal(run(model), ref)
+    assert list(model.state_dict()) == list(plain_state)
+    model.load_state_dict(plain_state)
+    plain, _ = zoo_model(name, dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    assert param_hash(plain) == param_hash(model)
+    for mode in ("batch", "row"):
+        for w in _wrappers(model):
+            w.mode = mode
+        model.train()
+        _seed_wrappers(model, 0)
+        for _ in range(3):
+            model.zero_grad()
+            out = run(model)
+            assert out.shape == ref.shape and torch.isfinite(out).all()
+            out.float().square().mean().backward()
+            assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert sum(w.dropped for w in _wrappers(model)) > 0
+
+
+def test_timm_resnet_downsample_blocks_are_skipped_by_inspection():
+    """Issue 10 #13: naming timm's block type used to wrap the downsampling blocks too."""
+    model, run = zoo_model("timm_resnet18")
+    changes = apply_stochastic_depth(model, 0.5, block_types=["timm.models.resnet.BasicBlock"])
+    assert [c.path for c in changes] == ZOO_BLOCKS["timm_resnet18"]
+    assert model.layer4[1].depth_position == (8, 8)  # the 3 downsampling blocks count in L
+    model.train()
+    _seed_wrappers(model, 0)
+    assert run(model).shape == (4, 10)
+
+
+def _capture_layer_call(model: nn.Module, run, layer: nn.Module) -> tuple[tuple, dict]:
+    calls = []
+    handle = layer.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True
+    )
+    with torch.no_grad():
+        run(model)
+    handle.remove()
+    return calls[0]
+
+
+@pytest.mark.parametrize("name", ["hf_bert", "hf_gpt2", "hf_llama", "torch_encoder"])
+def test_row_mode_on_real_layers_equals_masked_full_compute(name):
+    """Masks, position ids and rotary embeddings (by position or keyword) are sliced to the
+    kept rows: the result equals computing every row and masking (rows are independent)."""
+    model, run = zoo_model(name, dropout=0.0)
+    (layer,) = [m for n, m in model.named_modules() if n == ZOO_BLOCKS[name][0]]
+    args, kwargs = _capture_layer_call(model.eval(), run, layer)
+    x, extra = args[0], args[1:]
+    assert any(isinstance(v, torch.Tensor) and v.shape[0] == 4 for v in (*extra, *kwargs.values()))
+    keep = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        out = stochastic_depth(layer, x, keep, 0.5, *extra, **kwargs)
+        full = layer(x, *extra, **kwargs)
+    full = full[0] if isinstance(full, tuple) else full
+    out = out[0] if isinstance(out, tuple) else out
+    mask = keep.view(4, *[1] * (x.dim() - 1))
+    torch.testing.assert_close(out, x + mask * (full - x) / 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_tuple_output_hidden_state_scaled_rest_passed_through():
+    class TupleBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return x + self.fc(x), "attn"
+
+    wrapper = StochasticDepthWrapper(TupleBlock(), 0.5, mode="batch")
+    x = torch.randn(2, 3)
+    out, extra = stochastic_depth(wrapper.block, x, True, 0.5)
+    torch.testing.assert_close(out, x + (wrapper.block(x)[0] - x) / 0.5)
+    assert extra == "attn"
+    wrapper.generator = torch.Generator().manual_seed(0)
+    results = [wrapper(x) for _ in range(20)]
+    assert {r[1] for r in results} == {"attn", None}  # dropped: the rest is None
+    assert all(torch.equal(r[0], x) for r in results if r[1] is None)
+
+
+def test_row_mode_one_kept_row_with_batchnorm1d():
+    """Issue 10 #14: a draw that keeps exactly one row crashed BatchNorm1d ("Expected more than
+    1 value per channel"). The whole batch is computed and masked instead."""
+    torch.manual_seed(0)
+    block, ref_block = BatchNormResidual(4), BatchNormResidual(4)
+    ref_block.load_state_dict(block.state_dict())
+    x = torch.randn(5, 4, requires_grad=True)
+    keep = torch.tensor([False, False, True, False, False])
+    out = stochastic_depth(block, x, keep, 0.25)
+    ref = x + keep[:, None] * (ref_block(x) - x) / 0.25
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(out[~keep], x[~keep])
+    torch.testing.assert_close(block.bn.running_mean, ref_block.bn.running_mean)
+    out.sum().backward()
+    # Through the wrapper: a draw that keeps exactly one of 4 rows, then training continues.
+    wrapper = StochasticDepthWrapper(BatchNormResidual(4), 0.3, mode="row")
+    seed = next(
+        s
+        for s in range(100)
+        if int(sample_keep(0.3, 4, generator=torch.Generator().manual_seed(s)).sum()) == 1
+    )
+    wrapper.generator = torch.Generator().manual_seed(seed)
+    wrapper(torch.randn(4, 4)).sum().backward()
+    assert wrapper.dropped == 3

@@ -35,7 +35,9 @@ LINK = re.compile(r"(?P<bang>!?)\[(?P<text>[^\]]*)\]\((?P<url>[^)\s]+)(?P<title>
 
 #: Known metric stems, in column order: (stem, header, kind). A column is shown when the CSV has
 #: ``<stem>_mean`` or ``<stem>``; its spread comes from ``<stem>_ci`` (95 % CI) or ``<stem>_std``.
-#: kind: "pct" (a fraction shown in percent), "pp" (a signed difference in points), "float", "p".
+#: kind: "pct" (a fraction shown in percent), "pp" (a signed difference in points), "float",
+#: "p" (a p-value), "epoch" and "s" (one and two decimals). A column whose rows on a page are all
+#: empty is left out (the early-stopping epochs show only on that technique's page).
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("test_acc", "test acc %", "pct"),
     ("delta_acc", "Δ acc pp", "pp"),
@@ -46,6 +48,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("noisy_acc", "noisy acc %", "pct"),
     ("sparsity", "zero weights %", "pct"),
     ("max_unit_norm", "max ‖w_unit‖", "float"),
+    ("stopped_epoch", "stopped at epoch", "epoch"),
+    ("restored_epoch", "restored epoch", "epoch"),
+    ("train_s_per_epoch", "s/epoch", "s"),
 )
 #: Used only when the preferred stem above is absent (older files: validation accuracy, val NLL).
 FALLBACKS = {"test_acc": ("val_acc", "val acc %"), "test_nll": ("val_nll", "NLL")}
@@ -115,11 +120,11 @@ def _cell(mean: float, spread: float, kind: str, scale: float) -> str:
     if kind == "p":
         mark = " *" if mean < 0.05 else ""
         return (f"{mean:.3f}" if mean >= 0.001 else "< 0.001") + mark
+    digits = {"pct": 1, "pp": 1, "epoch": 1, "s": 2}.get(kind, 3)
     if kind in ("pct", "pp"):
         mean, spread = mean * scale, spread * scale
-        text = f"{mean:+.1f}" if kind == "pp" else f"{mean:.1f}"
-        return text + (f" ± {spread:.1f}" if math.isfinite(spread) else "")
-    return f"{mean:.3f}" + (f" ± {spread:.3f}" if math.isfinite(spread) else "")
+    text = f"{mean:+.{digits}f}" if kind == "pp" else f"{mean:.{digits}f}"
+    return text + (f" ± {spread:.{digits}f}" if math.isfinite(spread) else "")
 
 
 def render_rows(
@@ -141,7 +146,10 @@ def render_rows(
         return "", missing
     columns = _columns(rows)
     setting = next((c for c in SETTING_COLUMNS if any(c in row for row in rows)), None)
-    if not columns:  # an unknown layout: show every column verbatim
+    if columns:  # leave out what none of the chosen rows has
+        columns = [c for c in columns if any(math.isfinite(_value(row, c[0])[0]) for row in chosen)]
+        columns = columns or _columns(rows)[:1]
+    else:  # an unknown layout: show every column verbatim
         keys = list(dict.fromkeys(k for row in rows for k in row))
         lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(row.get(k, "") for k in keys) + " |" for row in chosen]
@@ -152,6 +160,12 @@ def render_rows(
     spreads = set()
     for row in chosen:
         cells = [f"`{row.get('technique', '')}`", *([row.get(setting, "")] if setting else [])]
+        if row.get("status", "ok") not in ("", "ok"):  # a skipped technique: say why
+            reason = row.get("reason", "")
+            cells.append(row["status"] + (f": {reason}" if reason else ""))
+            cells += [""] * (len(columns) - 1)
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            continue
         for stem, _, kind in columns:
             mean, spread, spread_kind = _value(row, stem)
             if math.isfinite(spread):

@@ -249,7 +249,13 @@ def evaluate(
         gen = torch.Generator().manual_seed(1234)
         std = data.feature_std()
         noisy = [
-            _accuracy(module(data.x_test + torch.randn(data.x_test.shape, generator=gen) * (noise_scale * std)), data.y_test)
+            _accuracy(
+                module(
+                    data.x_test
+                    + torch.randn(data.x_test.shape, generator=gen) * (noise_scale * std)
+                ),
+                data.y_test,
+            )
             for _ in range(noise_draws)
         ]
         metrics = {
@@ -391,12 +397,12 @@ class DemoBackend:
             **lean_trainer_kwargs(cfg),
         )
         d = self.data
-        train = make_loader(d.x_train, d.y_train, batch_size=cfg.batch_size, shuffle=True, seed=seed)
+        train = make_loader(
+            d.x_train, d.y_train, batch_size=cfg.batch_size, shuffle=True, seed=seed
+        )
         val = make_loader(d.x_val, d.y_val, batch_size=4096, shuffle=False)
         trainer.fit(module, train, val)
-        metrics = evaluate(
-            module, d, noise_scale=cfg.noise_scale, noise_draws=1 if cfg.fast else 3
-        )
+        metrics = evaluate(module, d, noise_scale=cfg.noise_scale, noise_draws=1 if cfg.fast else 3)
         metrics["train_s_per_epoch"] = timer.median()
         metrics["epochs_run"] = float(trainer.current_epoch)
         metrics.update(early_stopping_epochs(recipe.callbacks, trainer.current_epoch))

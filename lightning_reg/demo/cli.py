@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="lightning-reg",
-        description="Regularization for PyTorch Lightning: which regularizer helps, and by how much.",
+        description="Regularization for PyTorch Lightning: which regularizer helps, by how much.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("list", help="print each technique with its class, formula, paper and grid")
@@ -164,12 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _technique_list(parser: argparse.ArgumentParser, raw: Sequence[str] | None) -> list[str]:
+def _technique_list(
+    parser: argparse.ArgumentParser, raw: Sequence[str] | None, *, architecture: bool
+) -> list[str]:
     from lightning_reg.demo.ablation import validate_techniques
-    from lightning_reg.demo.techniques import all_names
+    from lightning_reg.demo.techniques import ARCHITECTURE, all_names
 
     if not raw:
-        return all_names()
+        return [n for n in all_names() if architecture or n not in ARCHITECTURE]
     names = [n.strip() for item in raw for n in item.split(",") if n.strip()]
     try:
         validate_techniques(names)
@@ -195,7 +197,13 @@ def _print_list() -> int:
     for name in all_names():
         t = describe(name)
         grid = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in t.grid)
-        table.add_row(name, t.classes, t.formula, t.paper, f"{t.knob} ∈ {{{grid}}} ({t.default})" if grid else "-")
+        table.add_row(
+            name,
+            t.classes,
+            t.formula,
+            t.paper,
+            f"{t.knob} ∈ {{{grid}}} ({t.default})" if grid else "-",
+        )
     Console(width=None if sys.stdout.isatty() else 220).print(table)
     return 0
 
@@ -224,7 +232,9 @@ def _config(args: argparse.Namespace, ab: argparse.ArgumentParser) -> Any:
     d = DEFAULTS[args.dataset]
     epochs = args.epochs or (FAST_EPOCHS[args.dataset] if args.fast else d["epochs"])
     return AblationConfig(
-        techniques=_technique_list(ab, args.techniques),
+        techniques=_technique_list(
+            ab, args.techniques, architecture=args.config is None and args.model == "mlp"
+        ),
         dataset=args.dataset,
         model=args.model,
         seeds=args.seeds or (FAST_SEEDS if args.fast else DEFAULT_SEEDS),

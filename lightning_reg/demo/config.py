@@ -126,14 +126,20 @@ class ConfigBackend:
         model = cli.model
         try:
             batch, steps = _first_batch(cli)
-        except Exception as err:  # noqa: BLE001 - any user code may fail; report it as one line
-            raise ConfigError(f"argument --config: cannot draw a training batch: {_one_line(err)}") from None
+        except Exception as err:
+            raise ConfigError(
+                f"argument --config: cannot draw a training batch: {_one_line(err)}"
+            ) from None
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             x, y = batch, None
         else:
             x, y = batch[0], batch[1]
         soft, why, num_classes = False, "the batch is not [inputs, integer targets]", 0
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and not y.is_floating_point():
+        if (
+            isinstance(x, torch.Tensor)
+            and isinstance(y, torch.Tensor)
+            and not y.is_floating_point()
+        ):
             with torch.no_grad():
                 num_classes = int(model(x).shape[-1])
             soft, why = self._soft_target_probe(model, x, y, num_classes)
@@ -150,7 +156,9 @@ class ConfigBackend:
         )
 
     @staticmethod
-    def _soft_target_probe(model: Any, x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[bool, str]:
+    def _soft_target_probe(
+        model: Any, x: torch.Tensor, y: torch.Tensor, k: int
+    ) -> tuple[bool, str]:
         """One ``training_step`` with hard targets, one with one-hot float targets."""
         import warnings
 
@@ -159,11 +167,11 @@ class ConfigBackend:
             warnings.simplefilter("ignore")
             try:
                 model.training_step([x, y], 0)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 return False, f"probe step failed even with hard targets: {_one_line(err)}"
             try:
                 model.training_step([x, soft], 0)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 return False, f"{type(err).__name__}: {_one_line(err)}"
         return True, ""
 
@@ -211,10 +219,12 @@ class ConfigBackend:
             for key in metrics:
                 if key.startswith("gap_"):
                     self.columns[key] = (f"train−val {key[4:]} gap", "float")
-                elif key not in ("sparsity", "max_unit_norm", "train_s_per_epoch") and "epoch" not in key:
+                elif (
+                    key not in ("sparsity", "max_unit_norm", "train_s_per_epoch")
+                    and "epoch" not in key
+                ):
                     self.columns[key] = (key, "float")
             self.columns["sparsity"] = ("zero weights %", "pct")
             self.columns["max_unit_norm"] = ("max ‖w_unit‖", "float")
             self.columns["train_s_per_epoch"] = ("s/epoch", "s")
         return metrics, history.epochs, history.values, trainer
-

@@ -76,7 +76,10 @@ def _cells(result: AblationResult, row: Row) -> list[str]:
     return [
         label,
         _delta_cell(result, row),
-        *[format_cell(kind, *row.stats.get(k, (math.nan, math.nan))) for k, (_, kind) in result.columns.items()],
+        *[
+            format_cell(kind, *row.stats.get(k, (math.nan, math.nan)))
+            for k, (_, kind) in result.columns.items()
+        ],
         _epochs_cell(row),
     ]
 
@@ -251,12 +254,17 @@ def write_markdown(result: AblationResult, path: Path, command: str = "") -> Pat
         f"- command: `{command}`" if command else "",
         f"- date: {result.started:%Y-%m-%d %H:%M} (took {str(took).split('.')[0]})",
         f"- machine: {machine_description()}",
-        f"- set-up: {setup}, {cfg.seeds} seeds" + (", --search" if cfg.search else "")
+        f"- set-up: {setup}, {cfg.seeds} seeds"
+        + (", --search" if cfg.search else "")
         + (", --fast" if cfg.fast else ""),
         f"- strengths chosen on {result.select[0]} ({result.select[1]}); the test split is "
-        "only read for the reported numbers" if not cfg.config else "",
+        "only read for the reported numbers"
+        if not cfg.config
+        else "",
         "- gap = train − test accuracy (eval mode, clean inputs); noisy acc: test inputs + "
-        f"Gaussian noise, σ = {cfg.noise_scale:g} × feature std" if not cfg.config else "",
+        f"Gaussian noise, σ = {cfg.noise_scale:g} × feature std"
+        if not cfg.config
+        else "",
         "",
         markdown_table(result),
         "",
@@ -297,7 +305,14 @@ def write_curves(result: AblationResult, path: Path) -> Path:
         epochs = sorted(by_epoch)
         mean = [100 * sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
         bold = row.technique in ("baseline", "combined")
-        ax.plot(epochs, mean, "-" if bold else "--", lw=2.4 if bold else 1.2, color=cmap(i % 20), label=row.technique)
+        ax.plot(
+            epochs,
+            mean,
+            "-" if bold else "--",
+            lw=2.4 if bold else 1.2,
+            color=cmap(i % 20),
+            label=row.technique,
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%), mean over seeds")
     ax.set_title("validation curves")
@@ -305,11 +320,19 @@ def write_curves(result: AblationResult, path: Path) -> Path:
     if ax.get_lines():
         ax.legend(fontsize=7, ncol=2)
     ax = axes[1]
-    key = "gap" if "gap" in result.columns else next((k for k in result.columns if k.startswith("gap_")), None)
+    key = (
+        "gap"
+        if "gap" in result.columns
+        else next((k for k in result.columns if k.startswith("gap_")), None)
+    )
     names = [r.technique for r in rows]
     if key is not None:
         means = [100 * r.stats.get(key, (math.nan, 0))[0] for r in rows]
-        cis = [100 * (r.stats.get(key, (0, 0))[1] if not math.isnan(r.stats.get(key, (0, 0))[1]) else 0) for r in rows]
+        cis = [
+            100
+            * (r.stats.get(key, (0, 0))[1] if not math.isnan(r.stats.get(key, (0, 0))[1]) else 0)
+            for r in rows
+        ]
         colors = ["0.3" if n == "baseline" else cmap(i % 20) for i, n in enumerate(names)]
         ax.barh(names, means, xerr=cis, color=colors)
         if "baseline" in names:
@@ -335,7 +358,8 @@ def write_effects(result: AblationResult, path: Path) -> Path:
     cis = [0.0 if math.isnan(r.delta[1]) else scale * r.delta[1] for r in rows]
     higher_better = not (result.select[1] == "min" and result.compare == result.select[0])
     colors = [
-        "0.6" if r.delta[2] >= ALPHA or math.isnan(r.delta[2])
+        "0.6"
+        if r.delta[2] >= ALPHA or math.isnan(r.delta[2])
         else ("tab:green" if (r.delta[0] > 0) == higher_better else "tab:red")
         for r in rows
     ]
@@ -344,10 +368,14 @@ def write_effects(result: AblationResult, path: Path) -> Path:
     ax.axvline(0, color="k", lw=1)
     ax.invert_yaxis()
     unit = "points" if pct else ""
-    ax.set_xlabel(f"Δ {result.compare} vs baseline ({unit}), mean ± 95 % CI over seeds".replace(" ()", ""))
+    ax.set_xlabel(
+        f"Δ {result.compare} vs baseline ({unit}), mean ± 95 % CI over seeds".replace(" ()", "")
+    )
     ax.set_title(_title(result), fontsize=10)
     ax.grid(alpha=0.3, axis="x")
-    fig.text(0.01, 0.01, f"* p < {ALPHA:g}, two-sided paired t-test (same seeds and split)", fontsize=8)
+    fig.text(
+        0.01, 0.01, f"* p < {ALPHA:g}, two-sided paired t-test (same seeds and split)", fontsize=8
+    )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -361,8 +389,16 @@ def log_wandb_table(result: AblationResult, images: list[Path]) -> Any:
     cfg = result.config
     keys = list(result.columns)
     table = wandb.Table(
-        columns=["technique", "status", "strength", "delta", "delta_ci", "p_value",
-                 *[f"{k}_mean" for k in keys], *[f"{k}_ci" for k in keys]]
+        columns=[
+            "technique",
+            "status",
+            "strength",
+            "delta",
+            "delta_ci",
+            "p_value",
+            *[f"{k}_mean" for k in keys],
+            *[f"{k}_ci" for k in keys],
+        ]
     )
     for row in result.rows():
         table.add_data(

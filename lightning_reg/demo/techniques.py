@@ -150,7 +150,9 @@ def _dropout_after(ctx: TechniqueContext) -> tuple[type[nn.Module], ...]:
 
 def _dropout(ctx: TechniqueContext, p: float) -> Recipe:
     after = _dropout_after(ctx)
-    return Recipe([DropoutCallback(p)], surgery=[lambda module: add_dropout(module, p, after=after)])
+    return Recipe(
+        [DropoutCallback(p)], surgery=[lambda module: add_dropout(module, p, after=after)]
+    )
 
 
 def _augmentation(ctx: TechniqueContext, std: float) -> Recipe:
@@ -397,14 +399,18 @@ def skip_reason(name: str, ctx: TechniqueContext) -> str | None:
         return "CutMix pastes 2-D boxes: it needs image inputs (B, C, H, W)"
     if name in ("mixup", "cutmix", "label_smoothing") and not ctx.soft_targets:
         return f"the training loss does not accept soft targets ({ctx.soft_targets_error})"
-    if name == "jacobian" and ctx.kind == "config" and not isinstance(ctx.model, JacobianPenaltyMixin):
+    if (
+        name == "jacobian"
+        and ctx.kind == "config"
+        and not isinstance(ctx.model, JacobianPenaltyMixin)
+    ):
         return "the LightningModule does not use JacobianPenaltyMixin"
     if name == "stochastic_depth":
         try:
             model = copy.deepcopy(ctx.model)
             apply_stochastic_depth(model, 0.5, block_types=_block_types(model))
         except (RuntimeError, ValueError, TypeError) as err:
-            return f"no block to wrap ({str(err).splitlines()[0]})"
+            return f"no residual block to wrap ({str(err).split('. ')[0].strip()})"
     if name == "dropout":
         try:
             add_dropout(copy.deepcopy(ctx.model), 0.1, after=_dropout_after(ctx))

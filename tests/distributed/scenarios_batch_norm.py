@@ -48,9 +48,8 @@ def precise_bn_fit(rank: int, sync_batchnorm: bool = False, precision: str = "32
     }
 
 
-def ghost_bn_sync_fit(rank: int, use_plugin: bool = True):
-    """GhostBatchNormCallback with the GhostSyncBatchNorm plugin (ghost layers stay per rank),
-    or with ``sync_batchnorm=True`` alone (returns the error message)."""
+def ghost_bn_sync_fit(rank: int):
+    """GhostBatchNormCallback with the GhostSyncBatchNorm plugin: ghost layers stay per rank."""
     torch.manual_seed(0)
     x, y = random_classification(64, image=True)
     model = nn.Sequential(SmallCNN(num_classes=3))
@@ -63,12 +62,10 @@ def ghost_bn_sync_fit(rank: int, use_plugin: bool = True):
                 type(m).__name__ for m in pl_module.modules() if isinstance(m, nn.BatchNorm2d)
             )
 
-    sync = {"plugins": [GhostSyncBatchNorm()]} if use_plugin else {"sync_batchnorm": True}
-    trainer = tiny_trainer(max_steps=2, callbacks=[Probe(4)], **sync, **ddp_trainer_kwargs())
-    try:
-        trainer.fit(module, list_loader(x, y, batch_size=16))
-    except RuntimeError as err:
-        return {"error": str(err)}
+    trainer = tiny_trainer(
+        max_steps=2, callbacks=[Probe(4)], plugins=[GhostSyncBatchNorm()], **ddp_trainer_kwargs()
+    )
+    trainer.fit(module, list_loader(x, y, batch_size=16))
     ghosts = [m for m in module.modules() if isinstance(m, GhostBatchNorm)]
     params = [p.detach().clone() for p in module.parameters()]
     return {
