@@ -63,6 +63,8 @@ __all__ = [
 
 Params = dict[str, Any]
 Shape = tuple[int, ...]
+Dev = torch.device | str | None  # the device to draw on (None: torch's default device)
+Gen = torch.Generator | None  # None: the global torch RNG
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,13 +72,13 @@ Shape = tuple[int, ...]
 # --------------------------------------------------------------------------------------------
 
 
-def _rand(shape: Sequence[int], generator: torch.Generator | None, device: Any) -> torch.Tensor:
+def _rand(shape: Sequence[int], generator: Gen, device: Dev) -> torch.Tensor:
     """``U[0, 1)`` of ``shape`` on ``device`` from ``generator`` (global RNG if ``None``)."""
     return torch.rand(tuple(shape), generator=generator, device=device)
 
 
 def _uniform(
-    shape: Sequence[int], low: float, high: float, generator: torch.Generator | None, device: Any
+    shape: Sequence[int], low: float, high: float, generator: Gen, device: Dev
 ) -> torch.Tensor:
     return _rand(shape, generator, device) * (high - low) + low
 
@@ -143,8 +145,8 @@ def _box_candidates(
     shape: tuple[int, int, int],
     scale: tuple[float, float],
     ratio: tuple[float, float],
-    generator: torch.Generator | None,
-    device: Any,
+    generator: Gen,
+    device: Dev,
     *,
     strict: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,8 +169,8 @@ def sample_crop_boxes(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     *,
-    generator: torch.Generator | None = None,
-    device: Any = "cpu",
+    generator: Gen = None,
+    device: Dev = None,
 ) -> torch.Tensor:
     """Per-sample random-resized-crop boxes, torchvision's algorithm, vectorised.
 
@@ -221,7 +223,7 @@ class BatchTransform(nn.Module):
         return tuple(shape)
 
     def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
+        self, shape: Shape, *, device: Dev = None, generator: Gen = None
     ) -> Params:  # pragma: no cover - abstract
         """Draw the random parameters for a batch of ``shape`` on ``device``."""
         raise NotImplementedError
@@ -230,14 +232,12 @@ class BatchTransform(nn.Module):
         """Apply the transform to ``x`` with fixed ``params``."""
         raise NotImplementedError
 
-    def draw_and_apply(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, Params]:
+    def draw_and_apply(self, x: torch.Tensor, generator: Gen = None) -> tuple[torch.Tensor, Params]:
         """Draw parameters for ``x`` from ``generator``, apply them; return both."""
         params = self.sample_params(tuple(x.shape), device=x.device, generator=generator)
         return self.apply(x, params), params
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: Gen = None) -> torch.Tensor:
         return self.draw_and_apply(x, generator)[0]
 
     def extra_repr(self) -> str:
@@ -278,9 +278,7 @@ class Compose(BatchTransform):
             shape = t.output_shape(shape)
         return shape
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         """Parameters of every step (only when every step is a :class:`BatchTransform`)."""
         params: Params = {}
         for i, t in enumerate(self.transforms):
@@ -299,9 +297,7 @@ class Compose(BatchTransform):
         return x
 
     @override
-    def draw_and_apply(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, Params]:
+    def draw_and_apply(self, x: torch.Tensor, generator: Gen = None) -> tuple[torch.Tensor, Params]:
         """Draw and apply step by step (other callables use the global RNG); return the params.
 
         Unlike :meth:`sample_params` this works with any callable step.
@@ -336,9 +332,7 @@ class RandomHorizontalFlip(BatchTransform):
         super().__init__()
         self.p = check_probability("p", p)
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         return {"flip": _rand((shape[0],), generator, device) < self.p}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
@@ -380,9 +374,7 @@ class RandomResizedCrop(BatchTransform):
     def output_shape(self, shape: Shape) -> Shape:
         return (*shape[:-2], *self.size)
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         h, w = _image_shape(shape, type(self).__name__)
         boxes = sample_crop_boxes(
             shape[0], h, w, self.scale, self.ratio, generator=generator, device=device
@@ -428,9 +420,7 @@ class RandomRotation(BatchTransform):
         self.p = check_probability("p", p)
         self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         b = shape[0]
         return {
             "angle": _uniform((b,), *self.degrees, generator, device),
@@ -487,9 +477,7 @@ class ColorJitter(BatchTransform):
         self.hue = _range("hue", hue, -0.5, 0.5, centre=0.0)
         self.p = check_probability("p", p)
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         b = shape[0]
         params = {k: _uniform((b,), *getattr(self, k), generator, device) for k in self._FACTORS}
         return {**params, "apply": _rand((b,), generator, device) < self.p}
@@ -551,9 +539,7 @@ class RandomErasing(BatchTransform):
         self.ratio = _range("ratio", ratio, 0.0, math.inf, low_inclusive=False)
         self.value = check_range("value", value)
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         height, width = _image_shape(shape, type(self).__name__)
         b, (r0, r1) = shape[0], self.ratio  # our ratio is h / w: log(w / h) ~ U(-log r1, -log r0)
         w, h, found = _box_candidates(
@@ -629,9 +615,7 @@ class RandomAffineCrop(BatchTransform):
     def output_shape(self, shape: Shape) -> Shape:
         return (*shape[:-2], *self.size)
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         h, w = _image_shape(shape, type(self).__name__)
         b = shape[0]
         box = sample_crop_boxes(b, h, w, self.scale, self.ratio, generator=generator, device=device)
@@ -704,9 +688,7 @@ class GaussianNoise(BatchTransform):
         self.p = check_probability("p", p)
         self.clip = None if clip is None else _range("clip", clip)
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         b = shape[0]
         std = _uniform((b,), *self.std, generator, device)
         if self.p < 1.0:
@@ -779,9 +761,7 @@ class TokenMasking(BatchTransform):
             raise ValueError("`vocab_size` is required when `random_fraction` > 0, got None")
         self.protected_ids = [check_int("protected_ids[i]", i) for i in (protected_ids or [])]
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         select = _rand(shape, generator, device) < self.p
         kind = _rand(shape, generator, device)
         params: Params = {
@@ -821,9 +801,7 @@ class _AxisMasking(BatchTransform):
         self.value = check_range("value", value)
         self.p = check_probability("p", p)
 
-    def sample_params(
-        self, shape: Shape, *, device: Any = "cpu", generator: torch.Generator | None = None
-    ) -> Params:
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         if len(shape) < 3:
             raise ValueError(
                 f"{type(self).__name__} expects spectrograms (B, ..., freq, time), got {shape}"

@@ -113,6 +113,10 @@ class ModeError(MisconfigurationException, ValueError):
     """A bad ``mode``: Lightning's ``MisconfigurationException`` that is also a ``ValueError``."""
 
 
+def _layout(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.shape, v.dtype) if isinstance(v, Tensor) else None for k, v in state.items()}
+
+
 @dataclass
 class BestWeights:
     """A CPU copy of a module's state dict, refreshed in place by :meth:`save`.
@@ -140,26 +144,11 @@ class BestWeights:
     saves: int = 0
     _pending: Any = field(default=None, repr=False, compare=False)
 
-    def _fits(self, source: dict[str, Any]) -> bool:
-        old = self.state
-        return (
-            old is not None
-            and old.keys() == source.keys()
-            and all(
-                not isinstance(v, Tensor)
-                or (
-                    isinstance(old[k], Tensor)
-                    and (old[k].shape, old[k].dtype) == (v.shape, v.dtype)
-                )
-                for k, v in source.items()
-            )
-        )
-
     def save(self, module: torch.nn.Module) -> None:
         """Copy ``module.state_dict()`` (parameters, buffers, extra state) into the buffers."""
         self.wait()
         source = module.state_dict()
-        if not self._fits(source):
+        if self.state is None or _layout(self.state) != _layout(source):
             self.state = {
                 k: torch.empty(v.shape, dtype=v.dtype, pin_memory=v.is_cuda)
                 if isinstance(v, Tensor)
@@ -192,24 +181,21 @@ class BestWeights:
 
         Raises:
             RuntimeError: if nothing was saved, or if the module's state dict no longer has the
-                saved names and shapes (it was changed after the save); nothing is loaded then.
+                saved names, shapes and dtypes (it was changed after the save); nothing is
+                loaded then.
         """
         state = self.wait()
         if state is None:
             raise RuntimeError("BestWeights.restore: nothing was saved yet; call `save` first")
-        current = module.state_dict()
-        differ = sorted(set(current) ^ set(state)) or [
-            k
-            for k, v in current.items()
-            if isinstance(v, Tensor) and getattr(state[k], "shape", None) != v.shape
-        ]
+        now, saved = _layout(module.state_dict()), _layout(state)
+        differ = sorted(k for k in now.keys() | saved.keys() if now.get(k, 0) != saved.get(k, 0))
         if differ:
             raise RuntimeError(
                 f"cannot restore the best weights: the model changed after they were saved "
-                f"({len(differ)} state-dict entries differ, e.g. {differ[:3]}). Something "
-                "modified the model mid-fit (a callback that wraps or replaces layers after the "
-                "first validation). Apply model surgery in `setup` or before `fit`, or pass "
-                "`restore_best_weights=False`."
+                f"({len(differ)} state-dict entries differ in name, shape or dtype, e.g. "
+                f"{differ[:3]}): something modified the model mid-fit, e.g. a callback that wraps "
+                "or replaces layers after the first validation. Apply model surgery in `setup` or "
+                "before `fit`, or pass `restore_best_weights=False`."
             )
         module.load_state_dict(state)
 

@@ -48,16 +48,9 @@ _BUCKET_NUMEL = 1 << 25  # bound the temporary copy of one bucket's units
 
 
 def _check_dim(dim: Any) -> Dim:
-    if dim is None or dim == "unit":
-        return dim
-    if isinstance(dim, int) and not isinstance(dim, bool):
-        return dim
-    if (
-        isinstance(dim, (tuple, list))
-        and dim
-        and all(isinstance(d, int) and not isinstance(d, bool) for d in dim)
-    ):
-        return tuple(dim)
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if dim is None or dim == "unit" or all(type(d) is int for d in dims) and dims:
+        return tuple(dim) if isinstance(dim, list) else dim
     raise ValueError(f"`dim` must be 'unit', None, an int or a tuple of ints, got {dim!r}")
 
 
@@ -292,17 +285,12 @@ class WeightConstraintCallback(ParamCallback):
     ) -> None:
         if not self._stats:
             return
-        units = sum(float(s["units"]) for s in self._stats)
-        projected = torch.stack([s["projected"].float() for s in self._stats]).sum()
-        largest = torch.stack([s["max_unit_norm"] for s in self._stats]).amax()
-        self._stats = []
-        log_scalars(
-            pl_module,
-            {
-                "reg/max_norm/projected_fraction": projected / max(units, 1.0),
-                "reg/max_norm/max_unit_norm": largest,
-            },
-        )
+        stats, self._stats = self._stats, []
+        units = max(sum(float(s["units"]) for s in stats), 1.0)
+        projected = torch.stack([s["projected"].float() for s in stats]).sum()
+        largest = torch.stack([s["max_unit_norm"] for s in stats]).amax()
+        log_scalars(pl_module, {"reg/max_norm/projected_fraction": projected / units})
+        log_scalars(pl_module, {"reg/max_norm/max_unit_norm": largest})
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -283,8 +283,9 @@ class MixUpCutMixCallback(Callback):
         u = torch.rand((2, n), device=dev)
         active = u[0] < self.p
         both = self.mixup_alpha > 0 and self.cutmix_alpha > 0
-        cut = u[1] < self.switch_prob if both else torch.full((n,), self.cutmix_alpha > 0)
-        cut = cut.to(dev)
+        cut = (
+            u[1] < self.switch_prob if both else torch.full((n,), self.cutmix_alpha > 0, device=dev)
+        )
         lam = torch.ones(n, device=dev)
         if self.mixup_alpha > 0:
             lam = torch.where(cut, lam, _beta(self.mixup_alpha, n, dev))

@@ -53,6 +53,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -71,17 +72,6 @@ PREFIX = "reg/monitor"
 def layer_key(param_name: str) -> str:
     """The ``<layer>`` part of a norm key: the parameter name without a ``.weight`` suffix."""
     return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
-
-
-def _read_slot(batch: Any, key: int | str) -> Any:
-    try:
-        return batch[key]
-    except (KeyError, IndexError, TypeError) as err:
-        raise RuntimeError(
-            f"RegularizationMonitorCallback cannot read the targets at target_key={key!r} from "
-            f"a validation batch of type {type(batch).__name__}. Set `target_key` to the index "
-            "or dict key of the targets, or `num_classes=None` to turn the ECE off."
-        ) from err
 
 
 class RegularizationMonitorCallback(ParamCallback):
@@ -268,7 +258,7 @@ class RegularizationMonitorCallback(ParamCallback):
         hists: dict[str, Any] | None = None
         for logger in trainer.loggers:
             extra: Mapping[str, Any] = {}
-            if self.histograms and _is_wandb(logger):
+            if self.histograms and isinstance(logger, WandbLogger):
                 if hists is None:
                     hists = self._histograms()
                 extra = hists
@@ -365,19 +355,19 @@ class RegularizationMonitorCallback(ParamCallback):
                 f"logits of shape {tuple(logits.shape)}; it needs (batch, {self.num_classes}). "
                 "Return {'logits': ...} from `validation_step` or fix `num_classes`."
             )
-        target = _read_slot(batch, self.target_key)
-        if not isinstance(target, torch.Tensor):
-            raise RuntimeError(
-                f"The validation targets at target_key={self.target_key!r} are a "
-                f"{type(target).__name__}, not a tensor. Set `target_key`."
-            )
-        if target.is_floating_point() and target.ndim == 2:
+        try:
+            target = batch[self.target_key]
+        except (KeyError, IndexError, TypeError):
+            target = None
+        if isinstance(target, torch.Tensor) and target.is_floating_point() and target.ndim == 2:
             target = target.argmax(dim=1)
-        if target.shape[0] != logits.shape[0]:
+        if not isinstance(target, torch.Tensor) or target.shape[0] != logits.shape[0]:
             raise RuntimeError(
-                f"RegularizationMonitorCallback: the validation batch has {target.shape[0]} "
-                f"targets but the captured logits have {logits.shape[0]} rows. Return "
-                "{'logits': logits} from `validation_step` so the callback uses the right ones."
+                f"RegularizationMonitorCallback found no targets for the {logits.shape[0]} "
+                f"validation logits at target_key={self.target_key!r} of a "
+                f"{type(batch).__name__} batch. Set `target_key` to the index or dict key of the "
+                "targets, return {'logits': logits} from `validation_step`, or set "
+                "`num_classes=None` to turn the ECE off."
             )
         self._ece.update(logits.float().softmax(dim=1), target.long())
 
@@ -402,14 +392,6 @@ class RegularizationMonitorCallback(ParamCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._remove_hook()
-
-
-def _is_wandb(logger: Any) -> bool:
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(logger, WandbLogger)
 
 
 def _lookup(metrics: Mapping[str, Any], base: str, suffixes: Sequence[str]) -> torch.Tensor | None:

@@ -34,6 +34,7 @@ from tests.helpers.models import (
     random_classification,
     tiny_trainer,
 )
+from tests.helpers.models_surgery import zoo_model
 
 BAD_P = [-0.1, 1.0, 1.5, float("nan"), float("inf")]
 
@@ -265,9 +266,9 @@ def test_dropout_callback_resume(tmp_path):
         callbacks=[DropoutCallback(schedule=schedule), ckpt_cb],
     )
     trainer.fit(_dropout_module(), list_loader(x, y, batch_size=16))
+    # No state: the rate is a function of the restored epoch/step counters.
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
-    (saved,) = [v for k, v in state.items() if k.startswith("DropoutCallback")]
-    assert saved == {"current_p": 0.3}
+    assert not any(v for k, v in state.items() if k.startswith("DropoutCallback"))
     rec = _RecordP()
     cb2 = DropoutCallback(schedule=schedule)
     trainer2 = tiny_trainer(max_epochs=3, callbacks=[cb2, rec])
@@ -276,9 +277,6 @@ def test_dropout_callback_resume(tmp_path):
     )
     assert {s[0] for s in rec.seen} == {2}  # only the resumed epoch ran
     assert all(s[2] == 0.0 for s in rec.seen)
-    cb3 = DropoutCallback(schedule=schedule)
-    cb3.load_state_dict(cb2.state_dict())
-    assert cb3.state_dict() == cb2.state_dict() == {"current_p": 0.0}
 
 
 def test_dropout_callback_from_yaml():
@@ -456,3 +454,92 @@ def test_functional_dropout_reference_equivalence():
     torch.manual_seed(7)
     ref = F.dropout(torch.tanh(x), 0.3, training=True)
     assert torch.equal(ours, ref)
+
+
+# ------------------------------------------------------------------- real models (issue 10 #2)
+
+
+def _norm_flags_during(model: nn.Module) -> list[bool]:
+    """Record the ``training`` flag of every norm layer each time it runs."""
+    seen: list[bool] = []
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    return seen
+
+
+class _MCLayer(MCDropoutMixin, nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def test_mc_dropout_samples_torch_transformer_layer_despite_fast_path():
+    """In eval mode under no_grad, nn.TransformerEncoderLayer takes a fused path that skips its
+    dropout: switching only the nn.Dropout children gave zero variance."""
+    torch.manual_seed(0)
+    module = _MCLayer().eval()
+    seen = _norm_flags_during(module)
+    x = torch.randn(3, 5, 16)
+    for res in (mc_dropout_predict(module.layer, x, 8), module.mc_predict(x, 8)):
+        assert (res.std > 0).all()
+    assert seen and not any(seen)  # the LayerNorms stayed in eval mode
+    assert not any(m.training for m in module.modules())  # flags restored
+    with torch.no_grad():  # and the eval output is deterministic again
+        assert torch.equal(module(x), module(x))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_mc_dropout_samples_hf_functional_attention_dropout(attn):
+    """Hugging Face applies attention dropout functionally, only when the attention module is
+    in training mode: with only attention dropout, MC dropout gave zero variance."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3,
+        attn_implementation=attn,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    model.encoder.layer[1].train()  # an odd mix of flags that must come back exactly
+    flags = {n: m.training for n, m in model.named_modules()}
+    seen = _norm_flags_during(model)
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.bert(input_ids=ids).last_hidden_state
+
+    res = mc_dropout_predict(Pooled(), torch.randint(0, 100, (2, 6)), 6)
+    assert (res.std > 0).all()
+    assert seen and not any(seen)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+
+
+def test_mc_dropout_without_active_dropout_names_the_layers():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0))
+    with pytest.raises(RuntimeError, match=r"p > 0.*p = 0 in \['1'\]"):
+        mc_dropout_predict(model, torch.randn(2, 4), 4)
+
+
+@pytest.mark.parametrize("name", ["hf_bert", "hf_gpt2", "hf_llama", "timm_convnext"])
+def test_add_dropout_default_finds_timm_and_hf_activations(name):
+    model, run = zoo_model(name, dropout=0.0)
+    model.eval()
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = run(model)
+    changes = add_dropout(model, 0.5)
+    wrapped = [model.get_submodule(c.path).module for c in changes]
+    assert any(type(m).__module__.endswith(".activations") for m in wrapped)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(run(model), ref)
+        assert not torch.equal(run(model.train()), ref)

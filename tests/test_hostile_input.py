@@ -84,6 +84,8 @@ ROWS: list[tuple[str, Callable[[Any], Any], Callable[[Any], bool]]] = [
     ),
     ("virtual_batch_size", lambda v: lr.GhostBatchNormCallback(v), lambda v: integer(v) and v >= 1),
     ("num_batches", lambda v: lr.PreciseBatchNormCallback(v), lambda v: integer(v) and v >= 1),
+    ("eps", lambda v: lr.GhostBatchNorm1d(2, eps=v), lambda v: real(v) and v > 0),
+    ("momentum", lambda v: lr.GhostBatchNorm1d(2, momentum=v), lambda v: real(v) and 0 <= v <= 1),
     ("survival_prob", lambda v: lr.StochasticDepthCallback(v), lambda v: real(v) and 0 < v <= 1),
     (
         "every_n_steps",

@@ -397,15 +397,19 @@ def test_num_classes_other_than_the_model_output_gets_a_clear_error():
 
 def test_label_smoothing_argument_smooths_then_mixes_in_trainer():
     pl.seed_everything(2, verbose=False)
-    mixer = CutMixCallback(1.0, num_classes=4, mode="sample", label_smoothing=0.3)
+    mixer = CutMixCallback(1.0, num_classes=4, mode="sample", label_smoothing=0.3, until_epoch=1)
     rec = ParamRecorder(mixer)
-    module, _, (_, y) = _fit([mixer, rec], val=False)
-    for step, ((_, yb), params) in enumerate(zip(module.train_batches, rec.params)):
+    module, _, (x, y) = _fit([mixer, rec], val=False, epochs=2)
+    for step, ((_, yb), params) in enumerate(zip(module.train_batches[:2], rec.params)):
         sl = slice(8 * step, 8 * step + 8)
         smooth = smooth_labels(y[sl], 0.3, 4)
         lam = params["lam"].view(-1, 1)
         torch.testing.assert_close(yb, lam * smooth + (1 - lam) * smooth[params["perm"]])
         assert not torch.equal(yb, smooth)
+    for step, (xb, yb) in enumerate(module.train_batches[2:]):  # after until_epoch: smoothed only
+        sl = slice(8 * step, 8 * step + 8)
+        assert torch.equal(xb, x[sl])
+        torch.testing.assert_close(yb, smooth_labels(y[sl], 0.3, 4), rtol=0, atol=0)
 
 
 def test_stacking_label_smoothing_callback_says_use_the_argument():

@@ -70,11 +70,12 @@ TECHNIQUES = [
     "early_stopping",
 ]
 
-#: shape-preserving residual blocks that stochastic depth must wrap by default (no downsampling
-#: block: torchvision/timm ResNet-18 have 8 BasicBlocks, 3 of them downsample)
+#: shape-preserving residual blocks that stochastic depth must wrap by default, never a
+#: downsampling one: torchvision's ResNet-18 has 8 BasicBlocks, 3 of them downsample; the narrowed
+#: timm ResNet-18 (64-channel stem, 16-channel first stage) also changes width in its first block
 SD_BLOCKS = {
     "tv_resnet18": 5,
-    "timm_resnet18": 5,
+    "timm_resnet18": 4,
     "timm_vit_tiny": 12,
     "timm_convnext_atto": 12,
     "hf_bert": 2,
@@ -299,6 +300,9 @@ def test_zoo_cell(zm, technique):
         cb = StochasticDepthCallback(0.5, seed=0)
         trainer, logger, probe = _fit(zm, module, [cb])
         assert probe.wrappers["sd"] == SD_BLOCKS[zm.name], f"{zm.name}: wrapped {probe.wrappers}"
+        if zm.name.endswith("resnet18"):  # cross-check: the blocks without a downsample branch
+            plain = [m for m in _base(zm.name).modules() if type(m).__name__ == "BasicBlock"]
+            assert SD_BLOCKS[zm.name] == sum(m.downsample is None for m in plain)
         _assert_cell(zm, module, trainer, logger, ("reg/stochastic_depth/",))
 
     elif technique in ("ghost_bn", "precise_bn"):
@@ -315,7 +319,10 @@ def test_zoo_cell(zm, technique):
             _assert_cell(zm, module, trainer, logger, ("reg/precise_bn/",))
 
     elif technique == "monitor":
-        cb = RegularizationMonitorCallback(every_n_steps=1, num_classes=NUM_CLASSES)
+        target_key = "labels" if zm.kind == "text" else 1  # where the batch keeps its targets
+        cb = RegularizationMonitorCallback(
+            every_n_steps=1, num_classes=NUM_CLASSES, target_key=target_key
+        )
         trainer, logger, _ = _fit(zm, module, [cb], val=True)
         _assert_cell(zm, module, trainer, logger, ("reg/monitor/norm/total", "reg/monitor/"))
         w = _selected_tensors(zm, module)

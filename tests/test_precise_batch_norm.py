@@ -184,7 +184,7 @@ def test_precise_bn_at_train_end_with_lazy_batch_norm():
 
 def test_precise_bn_callback_without_bn_raises():
     x, y = random_classification(16)
-    with pytest.raises(RuntimeError, match="no BatchNorm .*add_batch_norm"):
+    with pytest.raises(RuntimeError, match=r"no BatchNorm .*add_batch_norm"):
         tiny_trainer(max_steps=1, callbacks=[PreciseBatchNormCallback(2)]).fit(
             ClassifierModule(MLP()), list_loader(x, y)
         )

@@ -8,8 +8,11 @@ Three markers, each on a line of its own in a Markdown page:
   name that the file does not have is a build warning (so ``--strict`` fails on it).
 - ``<!-- ablation-table -->``: every row of the same file.
 - ``<!-- include: benchmarks/README.md -->``: a file of the repository (path from the root),
-  pasted in. Its relative links that leave ``docs/`` become plain text, so the site has no
-  broken links; links into ``docs/`` are rewritten relative to the page.
+  pasted in, its links into ``docs/`` rewritten relative to the page.
+
+On every page, a relative link to a repository file outside ``docs/`` (``../examples/x.py``)
+becomes text that names the file: the site cannot serve it, while the Markdown on GitHub still
+links to it. ``tests/test_docs.py`` checks that such files exist.
 
 The table code is plain functions (``render_rows``, ``include_markdown``) so that
 ``tests/test_docs.py`` can test it without building the site.
@@ -31,6 +34,7 @@ RESULTS_CSV = Path("results") / "results.csv"  # relative to docs/
 ROW_MARKER = re.compile(r"^<!--\s*ablation-row:\s*(?P<names>[\w ,.-]+?)\s*-->\s*$", re.MULTILINE)
 TABLE_MARKER = re.compile(r"^<!--\s*ablation-table\s*-->\s*$", re.MULTILINE)
 INCLUDE_MARKER = re.compile(r"^<!--\s*include:\s*(?P<path>[\w./-]+)\s*-->\s*$", re.MULTILINE)
+FENCED = re.compile(r"^(?P<fence>```|~~~).*?^(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"(?P<bang>!?)\[(?P<text>[^\]]*)\]\((?P<url>[^)\s]+)(?P<title>\s+\"[^\"]*\")?\)")
 
 #: Known metric stems, in column order: (stem, header, kind). A column is shown when the CSV has
@@ -183,25 +187,55 @@ def render_rows(
     return "\n".join(lines) + "\n\n" + legend + "\n", missing
 
 
-def _rewrite_link(match: re.Match[str], source_dir: Path, docs_dir: Path, page_dir: Path) -> str:
+def _rewrite_link(
+    match: re.Match[str], source_dir: Path, docs_dir: Path, page_dir: Path, root: Path
+) -> str:
     url = match["url"]
     if re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", url):
         return match[0]
     path, _, anchor = url.partition("#")
     target = (source_dir / path).resolve()
-    try:
-        target.relative_to(docs_dir.resolve())
-    except ValueError:  # leaves docs/: no page to link to on the site
-        return match["text"] if not match["bang"] else f"*{match['text']}*"
+    if not target.is_relative_to(docs_dir.resolve()):
+        if not target.is_relative_to(root.resolve()):
+            return match[0]  # leaves the repository: left for `mkdocs --strict` to report
+        # A repository file outside docs/ (an example, a script): the site cannot serve it,
+        # so it becomes text that names the file. On GitHub the Markdown still links to it.
+        text = match["text"]
+        if match["bang"]:
+            return f"*{text}*"
+        if text.startswith("`") and text.endswith("`"):
+            return text
+        return f"{text} (`{target.relative_to(root.resolve()).as_posix()}`)"
     new = Path(os.path.relpath(target, page_dir.resolve())).as_posix()
     new += f"#{anchor}" if anchor else ""
     return f"{match['bang']}[{match['text']}]({new}{match['title'] or ''})"
 
 
-def include_markdown(source: Path, docs_dir: Path, page_dir: Path) -> str:
+def rewrite_links(
+    text: str, source_dir: Path, docs_dir: Path, page_dir: Path, root: Path | None = None
+) -> str:
+    """``text``, written in ``source_dir``, with its relative links valid for ``page_dir``.
+
+    Links into ``docs/`` are pointed at the same file from ``page_dir``; links to repository
+    files outside ``docs/`` become text naming the file; links that leave the repository, and
+    everything inside fenced code blocks, stay as they are.
+    """
+    root = root or docs_dir.parent
+
+    def sub(part: str) -> str:
+        return LINK.sub(lambda m: _rewrite_link(m, source_dir, docs_dir, page_dir, root), part)
+
+    out, pos = [], 0
+    for fence in FENCED.finditer(text):
+        out += [sub(text[pos : fence.start()]), fence[0]]
+        pos = fence.end()
+    return "".join([*out, sub(text[pos:])])
+
+
+def include_markdown(source: Path, docs_dir: Path, page_dir: Path, root: Path | None = None) -> str:
     """The text of ``source`` with its relative links made valid for a page in ``page_dir``."""
     text = source.read_text(encoding="utf-8")
-    return LINK.sub(lambda m: _rewrite_link(m, source.parent, docs_dir, page_dir), text)
+    return rewrite_links(text, source.parent, docs_dir, page_dir, root)
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
@@ -216,9 +250,10 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         if not source.is_file():
             log.warning("%s: include of %s, which does not exist", src, m["path"])
             return ""
-        return include_markdown(source, docs_dir, page_dir)
+        return include_markdown(source, docs_dir, page_dir, root)
 
     markdown = INCLUDE_MARKER.sub(include, markdown)
+    markdown = rewrite_links(markdown, page_dir, docs_dir, page_dir, root)
     if not (ROW_MARKER.search(markdown) or TABLE_MARKER.search(markdown)):
         return markdown
     link = Path(os.path.relpath(docs_dir / "ablation.md", page_dir)).as_posix()

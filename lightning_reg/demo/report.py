@@ -200,6 +200,25 @@ def write_runs_csv(result: AblationResult, path: Path) -> Path:
     return path
 
 
+def write_runs_json(result: AblationResult, path: Path) -> Path:
+    """runs.json: every run with its metrics and validation curve (to merge or re-plot runs)."""
+    import json
+
+    runs = [
+        {
+            "technique": r.technique,
+            "strength": r.strength,
+            "seed": r.seed,
+            "metrics": r.metrics,
+            "curve_epochs": r.curve_epochs,
+            "curve_val": r.curve_val,
+        }
+        for r in result.runs
+    ]
+    path.write_text(json.dumps({"chosen": result.chosen, "runs": runs}, indent=1))
+    return path
+
+
 def write_search_csv(result: AblationResult, path: Path) -> Path:
     """search.csv: every (technique, strength) that ran, its mean validation and test metric."""
     rows = result.search_rows()
@@ -434,6 +453,7 @@ def write_all(result: AblationResult, command: str = "") -> dict[str, Path]:
     files = {
         "csv": write_csv(result, out / "results.csv"),
         "runs_csv": write_runs_csv(result, out / "runs.csv"),
+        "runs_json": write_runs_json(result, out / "runs.json"),
         "search_csv": write_search_csv(result, out / "search.csv"),
         "markdown": write_markdown(result, out / "results.md", command),
         "curves": write_curves(result, out / "curves.png"),

@@ -187,14 +187,15 @@ def _stochastic_depth() -> list[Callback]:
 
 def _techniques() -> list[Technique]:
     from lightning_reg.augmentation import DataAugmentationCallback, GaussianNoise
-    from lightning_reg.batch_norm import GhostBatchNormCallback, PreciseBatchNormCallback
     from lightning_reg.dropout import DropoutCallback
     from lightning_reg.early_stopping import EarlyStoppingCallback
+    from lightning_reg.ghost_batch_norm import GhostBatchNormCallback
     from lightning_reg.label_smoothing import LabelSmoothingCallback
     from lightning_reg.max_norm import MaxNormCallback
     from lightning_reg.mixing import CutMixCallback, MixUpCallback
     from lightning_reg.monitor import RegularizationMonitorCallback
     from lightning_reg.penalties import ElasticNetCallback, L1Callback, L2Callback
+    from lightning_reg.precise_batch_norm import PreciseBatchNormCallback
 
     def cp(path: str, **init_args: Any) -> dict[str, Any]:
         return {"class_path": f"lightning_reg.{path}", "init_args": init_args}
@@ -277,14 +278,14 @@ def _techniques() -> list[Technique]:
             "ghost_batch_norm",
             lambda: [GhostBatchNormCallback(4)],
             ("reg/ghost_bn/num_virtual_batches",),
-            yaml=(cp("batch_norm.GhostBatchNormCallback", virtual_batch_size=4),),
+            yaml=(cp("ghost_batch_norm.GhostBatchNormCallback", virtual_batch_size=4),),
         ),
         Technique(
             "precise_batch_norm",
             lambda: [PreciseBatchNormCallback(2)],
             ("reg/precise_bn/num_batches",),
             needs_val=True,
-            yaml=(cp("batch_norm.PreciseBatchNormCallback", num_batches=2),),
+            yaml=(cp("precise_batch_norm.PreciseBatchNormCallback", num_batches=2),),
         ),
         Technique(
             "stochastic_depth",

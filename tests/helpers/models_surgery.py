@@ -111,4 +111,6 @@ def zoo_model(name: str, *, dropout: float = 0.1) -> tuple[nn.Module, Callable[[
         model = tf.LlamaForCausalLM(config)
     else:
         raise ValueError(f"unknown zoo model {name!r}")
-    return model, lambda m: m(input_ids=ids, attention_mask=mask).logits
+    if name == "hf_bert":
+        return model, lambda m: m(input_ids=ids, attention_mask=mask).logits
+    return model, lambda m: m(input_ids=ids, attention_mask=mask, use_cache=False).logits
