@@ -13,7 +13,7 @@ import argparse
 
 import lightning.pytorch as pl
 
-from lightning_reg.batch_norm import GhostBatchNormCallback, PreciseBatchNormCallback
+from lightning_reg import GhostBatchNormCallback, PreciseBatchNormCallback
 from lightning_reg.demo.data import DemoDataModule
 from lightning_reg.demo.model import DemoClassifier
 

@@ -7,7 +7,8 @@ drawing its parameters (:meth:`BatchTransform.sample_params`) from applying them
 
 Pure torch first (no Lightning needed):
 
-* images (``(B, C, H, W)`` floats): :class:`RandomHorizontalFlip`, :class:`RandomResizedCrop`,
+* images (floats ``(B, C, H, W)``, also ``(B, H, W)`` and ``(B, ..., H, W)``; :class:`ColorJitter`
+  needs RGB ``(B, 3, H, W)``): :class:`RandomHorizontalFlip`, :class:`RandomResizedCrop`,
   :class:`RandomRotation`, :class:`ColorJitter`, :class:`RandomErasing` (the image ops call
   kornia's functional API), and :class:`RandomAffineCrop`, the fast fused path: flip, random
   resized crop and rotation composed into ONE affine matrix per sample and a single resampling;

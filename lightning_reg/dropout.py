@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lightning_reg.core.compat import DropoutBase
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.schedules import ConstantSchedule, Schedule, as_schedule
 from lightning_reg.core.surgery import (
@@ -94,15 +95,8 @@ _DROPOUT_KINDS: dict[str, type[nn.Module]] = {
     "alpha": nn.AlphaDropout,
 }
 
-#: Every torch dropout module.
-DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
+#: Every torch dropout module (Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout).
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = (DropoutBase,)
 
 
 def _check_p(name: str, p: Any) -> float:
@@ -115,7 +109,17 @@ def _check_p(name: str, p: Any) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-class DropoutAfter(TransparentWrapper):
+class _DropoutWrapper(TransparentWrapper):
+    """A module and a dropout; the wrapper follows the module's training mode."""
+
+    def __init__(self, module: nn.Module, p: float, kind: str = "dropout") -> None:
+        super().__init__(module)
+        p = _check_p("p", p)
+        self.dropout = _DROPOUT_KINDS[check_choice("kind", kind, _DROPOUT_KINDS)](p)
+        self.training = self.dropout.training = module.training
+
+
+class DropoutAfter(_DropoutWrapper):
     """``module`` followed by dropout: ``dropout(module(x))``.
 
     ``state_dict`` keys are those of ``module`` (see :class:`TransparentWrapper`); the dropout
@@ -136,16 +140,11 @@ class DropoutAfter(TransparentWrapper):
         torch.Size([2, 3])
     """
 
-    def __init__(self, module: nn.Module, p: float, kind: str = "dropout") -> None:
-        super().__init__(module)
-        p = _check_p("p", p)
-        self.dropout = _DROPOUT_KINDS[check_choice("kind", kind, _DROPOUT_KINDS)](p)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.dropout(self.module(*args, **kwargs))
 
 
-class DropoutBefore(TransparentWrapper):
+class DropoutBefore(_DropoutWrapper):
     """Dropout on the input of ``module``: ``module(dropout(x))``.
 
     ``state_dict`` keys are those of ``module``. :meth:`unwrap` returns ``module``.
@@ -163,11 +162,6 @@ class DropoutBefore(TransparentWrapper):
         >>> sorted(layer.state_dict())
         ['bias', 'weight']
     """
-
-    def __init__(self, module: nn.Module, p: float, kind: str = "dropout") -> None:
-        super().__init__(module)
-        p = _check_p("p", p)
-        self.dropout = _DROPOUT_KINDS[check_choice("kind", kind, _DROPOUT_KINDS)](p)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.module(self.dropout(x), *args, **kwargs)
@@ -223,16 +217,27 @@ def add_dropout(
         >>> [c.path for c in add_dropout(m, 0.1)]
         ['1']
     """
+    types = _activation_types(model) if after is None else _as_type_tuple("after", after)
+    return _insert(model, p, kind, types, DropoutAfter, "after")
+
+
+def _insert(
+    model: nn.Module,
+    p: float,
+    kind: str,
+    types: tuple[type[nn.Module], ...],
+    cls: type[_DropoutWrapper],
+    arg: str,
+) -> list[ModuleChange]:
     p = _check_p("p", p)
     check_choice("kind", kind, _DROPOUT_KINDS)
-    types = _activation_types(model) if after is None else _as_type_tuple("after", after)
-    policy = {t: (lambda mod, path: DropoutAfter(mod, p, kind)) for t in types}
-    changes = replace_modules(model, policy, refuse_if_contains=(DropoutAfter,))
+    policy = {t: (lambda mod, path: cls(mod, p, kind)) for t in types}
+    changes = replace_modules(model, policy, refuse_if_contains=(cls,))
     if not changes:
         found = sorted({type(m).__name__ for m in model.modules()})
         raise RuntimeError(
-            f"add_dropout found no module of type {[t.__name__ for t in types]} to put dropout "
-            f"after. The model has: {found}. Pass `after=` with types the model uses."
+            f"Dropout insertion found no module of type {[t.__name__ for t in types]}. The "
+            f"model has: {found}. Pass `{arg}=` with types the model uses."
         )
     return changes
 
@@ -268,18 +273,8 @@ def add_input_dropout(
         >>> len(add_input_dropout(m, 0.2))
         2
     """
-    p = _check_p("p", p)
-    check_choice("kind", kind, _DROPOUT_KINDS)
     types = _as_type_tuple("layer_types", layer_types)
-    policy = {t: (lambda mod, path: DropoutBefore(mod, p, kind)) for t in types}
-    changes = replace_modules(model, policy, refuse_if_contains=(DropoutBefore,))
-    if not changes:
-        found = sorted({type(m).__name__ for m in model.modules()})
-        raise RuntimeError(
-            f"add_input_dropout found no module of type {[t.__name__ for t in types]}. "
-            f"The model has: {found}. Pass `layer_types=`."
-        )
-    return changes
+    return _insert(model, p, kind, types, DropoutBefore, "layer_types")
 
 
 def remove_dropout(model: nn.Module) -> list[ModuleChange]:
@@ -727,7 +722,6 @@ class DropoutCallback(pl.Callback):
         self.insert = bool(insert)
         self._p: float | None = None  # the rate last set, to skip unchanged updates
         self._modules: list[nn.Module] = []
-        self._inserted_into: int | None = None
 
     def _rate(self, trainer: pl.Trainer) -> float:
         value = self.schedule.value(epoch=trainer.current_epoch, step=trainer.global_step)
@@ -750,14 +744,9 @@ class DropoutCallback(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.insert or self._inserted_into == id(pl_module):
-            return
-        if any(isinstance(m, DropoutAfter) for m in pl_module.modules()):
-            self._inserted_into = id(pl_module)
-            return
-        changes = add_dropout(pl_module, self._rate(trainer))
-        self._inserted_into = id(pl_module)
-        rank_zero_info(format_changes(changes, "DropoutCallback(insert=True)"))
+        if self.insert and not any(isinstance(m, DropoutAfter) for m in pl_module.modules()):
+            changes = add_dropout(pl_module, self._rate(trainer))
+            rank_zero_info(format_changes(changes, "DropoutCallback(insert=True)"))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

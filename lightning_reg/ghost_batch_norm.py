@@ -118,34 +118,35 @@ def ghost_batch_norm(
     sizes = virtual_batch_sizes(x.shape[0], virtual_batch_size)
     per_row = math.prod(x.shape[2:])
     if min(sizes) * per_row <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel in each virtual batch when training, got "
-            f"virtual batches of {min(sizes)} row(s) x {per_row} value(s) (input shape "
-            f"{tuple(x.shape)}, virtual_batch_size={virtual_batch_size}). Raise "
-            "virtual_batch_size or the batch size."
-        )
-    # Chunks of equal size go side by side as channels, (size, k·C, *S), through one fused
-    # call on an accelerator; on CPU each chunk is its own call. Temporary buffers (momentum 1)
-    # catch each chunk's statistics for the closed-form running update.
+        msg = f"{min(sizes)} row(s) x {per_row} value(s) (input {tuple(x.shape)})"
+        raise ValueError(f"Expected more than 1 value per channel in each virtual batch, got {msg}")
+    # On CPU each chunk is one fused call and BatchNorm updates the running buffers in turn with
+    # momentum / n (Composer's loop). On an accelerator, chunks of equal size go side by side as
+    # channels, (size, k·C, *S), through one fused call; temporary buffers (momentum 1) catch
+    # their statistics for a closed-form update of the running ones.
     if x.device.type in _ONE_CALL_PER_CHUNK:
         groups = [(size, 1) for size in sizes]
     else:  # tensor_split puts the larger chunks first
         groups = [(size, sizes.count(size)) for size in sorted(set(sizes), reverse=True)]
+    direct = len(groups) == len(sizes)
     channels, spatial = x.shape[1], x.shape[2:]
     outs, stats, start = [], [], 0
-    for size, k in groups:
+    for i, (size, k) in enumerate(groups):
         lanes = x[start : start + k * size]
         start += k * size
         if k > 1:
             lanes = lanes.reshape(k, size, channels, *spatial).transpose(0, 1).flatten(1, 2)
-        buffers = [None, None]
-        if running_mean is not None and running_var is not None:  # the buffers' dtype, as BN's
+        buffers, factor = [running_mean, running_var], 1.0
+        if direct:
+            n_seen = num_batches_tracked + i + 1
+            factor = 1.0 / n_seen if momentum is None else momentum / len(sizes)
+        elif running_mean is not None and running_var is not None:  # in the buffers' dtype
             buffers = [running_mean.new_zeros(k * channels), running_var.new_ones(k * channels)]
             stats.append(buffers)
         affine = [t if t is None or k == 1 else t.repeat(k) for t in (weight, bias)]
-        y = F.batch_norm(lanes, *buffers, *affine, True, 1.0, eps)
+        y = F.batch_norm(lanes, *buffers, *affine, True, factor, eps)
         outs.append(y if k == 1 else y.unflatten(1, (k, channels)).transpose(0, 1).flatten(0, 1))
-    if running_mean is not None and running_var is not None:
+    if stats and running_mean is not None and running_var is not None:
         stats = [torch.stack(b).view(2, -1, channels) for b in stats]
         _update_running_stats_(
             running_mean, running_var, torch.cat(stats, 1), momentum, num_batches_tracked
@@ -271,29 +272,18 @@ class GhostBatchNorm(nn.Module):
                 self.last_num_virtual_batches = 1
                 if rows < self.virtual_batch_size and not self._warned_small_batch:
                     self._warned_small_batch = True
-                    warnings.warn(
-                        f"GhostBatchNorm got a training batch of {rows} rows, fewer than "
-                        f"virtual_batch_size={self.virtual_batch_size}: it is normalised as one "
-                        "batch (plain BatchNorm). Under DDP this is the per-rank batch. Lower "
-                        "virtual_batch_size or raise the batch size.",
-                        stacklevel=2,
-                    )
+                    warnings.warn(f"GhostBatchNorm got a training batch of {rows} rows, fewer than "
+                                  f"virtual_batch_size={self.virtual_batch_size}: it is plain "
+                                  "BatchNorm (under DDP, per rank). Lower virtual_batch_size or "
+                                  "raise the batch size.", stacklevel=2)  # fmt: skip
             return super().forward(input)  # type: ignore[misc]
         update = self.training and bn.track_running_stats and bn.running_mean is not None
         if self.training:
             self.last_num_virtual_batches = math.ceil(rows / self.virtual_batch_size)
         tracked = int(bn.num_batches_tracked) if update and bn.momentum is None else 0
-        y = ghost_batch_norm(
-            input,
-            self.virtual_batch_size,
-            bn.weight,
-            bn.bias,
-            bn.running_mean if update else None,
-            bn.running_var if update else None,
-            bn.momentum,
-            bn.eps,
-            tracked,
-        )
+        stats = (bn.running_mean, bn.running_var) if update else (None, None)
+        y = ghost_batch_norm(input, self.virtual_batch_size, bn.weight, bn.bias, *stats,
+                             bn.momentum, bn.eps, tracked)  # fmt: skip
         if update:
             bn.num_batches_tracked.add_(self.last_num_virtual_batches)
         return y
@@ -372,27 +362,27 @@ _GHOST_OF: dict[type[nn.Module], type[GhostBatchNorm]] = {
 }
 
 
-def _no_batch_norm_error(model: nn.Module, who: str) -> RuntimeError:
+def _no_batch_norm_error(model: nn.Module) -> RuntimeError:
     lazy = [n for n, m in model.named_modules() if isinstance(m, _LAZY_BATCH_NORMS)]
-    if lazy:
-        return RuntimeError(
-            f"{who}: the BatchNorm layers {lazy[:3]} are lazy and not initialised yet, so they "
-            "cannot become ghost batch norm. Run one forward pass on a sample batch before "
-            "training (they then become nn.BatchNormNd), or build the model with nn.BatchNormNd."
-        )
     sync = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
-    if sync:
-        return RuntimeError(
-            f"{who}: the BatchNorm layers {sync[:3]} are already SyncBatchNorm (one batch over "
-            "all ranks), the opposite of ghost batch norm's per-rank virtual batches. Build the "
-            "model with nn.BatchNormNd; to sync other BatchNorm layers, pass "
-            "Trainer(plugins=[lightning_reg.GhostSyncBatchNorm()])."
-        )
     found = sorted({type(m).__name__ for m in model.modules()})
-    return RuntimeError(
-        f"{who} found no nn.BatchNorm1d/2d/3d layer to replace (the model has: {found}). Insert "
-        "some with `lightning_reg.add_batch_norm(model)`, or remove ghost batch norm."
-    )
+    if lazy:
+        why = (
+            f"the BatchNorm layers {lazy[:3]} are lazy and not initialised yet. Run one "
+            "forward pass on a sample batch first (they then become nn.BatchNormNd)"
+        )
+    elif sync:
+        why = (
+            f"the BatchNorm layers {sync[:3]} are SyncBatchNorm (one batch over all ranks, "
+            "the opposite of per-rank virtual batches). Build the model with nn.BatchNormNd "
+            "and pass Trainer(plugins=[lightning_reg.GhostSyncBatchNorm()]) to sync the rest"
+        )
+    else:
+        why = (
+            f"found no nn.BatchNorm1d/2d/3d layer (the model has: {found}). Insert some with "
+            "lightning_reg.add_batch_norm(model)"
+        )
+    return RuntimeError(f"Ghost batch norm cannot be applied: {why}.")
 
 
 def apply_ghost_batch_norm(model: nn.Module, virtual_batch_size: int) -> list[ModuleChange]:
@@ -422,7 +412,7 @@ def apply_ghost_batch_norm(model: nn.Module, virtual_batch_size: int) -> list[Mo
     """
     virtual_batch_size = check_int("virtual_batch_size", virtual_batch_size, minimum=1)
     if any(isinstance(m, _LAZY_BATCH_NORMS) for m in model.modules()):
-        raise _no_batch_norm_error(model, "apply_ghost_batch_norm")
+        raise _no_batch_norm_error(model)
 
     def convert(module: nn.Module, path: str) -> nn.Module | None:
         if type(module).forward is not _BATCH_NORM_FORWARD:
@@ -432,7 +422,7 @@ def apply_ghost_batch_norm(model: nn.Module, virtual_batch_size: int) -> list[Mo
     policy = {t: convert for t in _BATCH_NORMS}
     changes = replace_modules(model, policy, refuse_if_contains=(GhostBatchNorm,))
     if not changes:
-        raise _no_batch_norm_error(model, "apply_ghost_batch_norm")
+        raise _no_batch_norm_error(model)
     return changes
 
 
@@ -510,9 +500,7 @@ class GhostBatchNormCallback(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_strategies(
-            trainer, "GhostBatchNormCallback", ALL_SHARDED, "it is verified under DDP only"
-        )
+        refuse_strategies(trainer, "GhostBatchNormCallback", ALL_SHARDED, "verified under DDP only")
         ghosts = [m for m in pl_module.modules() if isinstance(m, GhostBatchNorm)]
         sizes = {m.virtual_batch_size for m in ghosts}
         if sizes - {self.virtual_batch_size}:

@@ -27,6 +27,7 @@ the cross-sample terms.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial, reduce
 from typing import Any
 
 import torch
@@ -179,19 +180,18 @@ def jacobian_penalty(
     if batch == 0 or dim == 0:
         return outputs.new_zeros((), dtype=torch.float32)
     if n == "exact":  # v = e_c for each output dimension c
-        projections = torch.eye(dim, device=outputs.device).unsqueeze(1).expand(dim, batch, dim)
-        factor = 1.0
+        eye = torch.eye(dim, device=outputs.device, dtype=torch.float32)
+        projections, factor = eye.unsqueeze(1).expand(dim, batch, dim), 1.0
     else:
-        projections = [
-            random_unit_projections(batch, dim, device=outputs.device, generator=generator)
-            for _ in range(int(n))
-        ]
-        factor = dim / int(n)
-    total = sum(
+        draw = partial(
+            random_unit_projections, batch, dim, device=outputs.device, generator=generator
+        )
+        projections, factor = [draw() for _ in range(int(n))], dim / int(n)
+    squares = [
         _vjp(outputs, inputs, v.reshape(outputs.shape), create_graph, grad_scale).pow(2).sum()
         for v in projections
-    )
-    return total * (factor / batch)
+    ]
+    return reduce(torch.add, squares) * (factor / batch)
 
 
 def input_gradient_penalty(

@@ -49,7 +49,7 @@ _BUCKET_NUMEL = 1 << 25  # bound the temporary copy of one bucket's units
 
 def _check_dim(dim: Any) -> Dim:
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-    if dim is None or dim == "unit" or all(type(d) is int for d in dims) and dims:
+    if dim is None or dim == "unit" or (all(type(d) is int for d in dims) and dims):
         return tuple(dim) if isinstance(dim, list) else dim
     raise ValueError(f"`dim` must be 'unit', None, an int or a tuple of ints, got {dim!r}")
 

@@ -310,12 +310,7 @@ class PreciseBatchNormCallback(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_strategies(
-            trainer,
-            "PreciseBatchNormCallback",
-            ALL_SHARDED,
-            "its cross-rank statistics are verified under DDP only",
-        )
+        refuse_strategies(trainer, "PreciseBatchNormCallback", ALL_SHARDED, "checked on DDP only")
         lazy = any(isinstance(m, _LAZY_BATCH_NORMS) for m in pl_module.modules())
         if not lazy and not batch_norm_layers(pl_module):
             found = sorted({type(m).__name__ for m in pl_module.modules()})

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lightning_reg.core.compat import BatchNormBase
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.random import CallbackRNG
 from lightning_reg.core.strategies import ALL_SHARDED, refuse_strategies
@@ -66,7 +67,6 @@ _MODES = ("batch", "row")
 _SCHEDULES = ("linear", "uniform")
 _LOG_PREFIX = "reg/stochastic_depth"
 _TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 #: Names of the layer stacks of Hugging Face and timm models (``encoder.layer``, ``h``, ...).
 _LAYER_STACKS = ("layer", "layers", "h", "blocks", "block")
 #: torch transformer masks of shape ``(L, S)``: one for the whole batch, never sliced.
@@ -272,7 +272,7 @@ def stochastic_depth(
 
 def _has_training_batch_norm(block: Any) -> bool:
     modules = block.modules() if isinstance(block, nn.Module) else ()
-    return any(isinstance(m, _BATCH_NORMS) and m.training for m in modules)
+    return any(isinstance(m, BatchNormBase) and m.training for m in modules)
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def test_ablate_own_model_yaml_is_a_plain_lightning_cli_config(monkeypatch):
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=None,
-        args=["fit", "--config", str(ABLATE_CONFIG), "--trainer.max_epochs=1"],
+        args=["fit", "--config", str(ABLATE_CONFIG), "--trainer.max_epochs=2"],
     )
     assert type(cli.model).__name__ == "TinyClassifier"
-    assert cli.trainer.current_epoch == 1 and "val_acc" in cli.trainer.callback_metrics
+    assert cli.trainer.current_epoch == 2 and "val_acc" in cli.trainer.callback_metrics

@@ -51,6 +51,16 @@ ROWS: list[tuple[str, Callable[[Any], Any], Callable[[Any], bool]]] = [
         lambda v: lr.MixUpCallback(0.2, num_classes=v),
         lambda v: at_least(v, 1),
     ),
+    (
+        "mixup_alpha",
+        lambda v: lr.MixUpCutMixCallback(mixup_alpha=v, num_classes=3),
+        lambda v: real(v) and v >= 0,
+    ),
+    (
+        "label_smoothing",
+        lambda v: lr.MixUpCallback(0.2, num_classes=3, label_smoothing=v),
+        lambda v: real(v) and 0 <= v <= 1,
+    ),
     ("alpha", lambda v: lr.LabelSmoothingCallback(v), lambda v: real(v) and 0 <= v <= 1),
     (
         "patience",
@@ -85,7 +95,11 @@ ROWS: list[tuple[str, Callable[[Any], Any], Callable[[Any], bool]]] = [
     ("virtual_batch_size", lambda v: lr.GhostBatchNormCallback(v), lambda v: integer(v) and v >= 1),
     ("num_batches", lambda v: lr.PreciseBatchNormCallback(v), lambda v: integer(v) and v >= 1),
     ("eps", lambda v: lr.GhostBatchNorm1d(2, eps=v), lambda v: real(v) and v > 0),
-    ("momentum", lambda v: lr.GhostBatchNorm1d(2, momentum=v), lambda v: real(v) and 0 <= v <= 1),
+    (
+        "momentum",
+        lambda v: lr.GhostBatchNorm1d(2, momentum=v),
+        lambda v: v is None or (real(v) and 0 <= v <= 1),
+    ),
     ("survival_prob", lambda v: lr.StochasticDepthCallback(v), lambda v: real(v) and 0 < v <= 1),
     (
         "every_n_steps",

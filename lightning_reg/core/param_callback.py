@@ -67,11 +67,13 @@ class ParamCallback(Callback):
             parameter that an optimizer holds.
 
     Example:
-        >>> class Zero(ParamCallback):
+        >>> class Clamp(ParamCallback):
         ...     def after_step(self, groups):
-        ...         for _, tensors in groups:
-        ...             torch._foreach_zero_(tensors)
-        >>> trainer = pl.Trainer(callbacks=[Zero("weights", after_step=True)])
+        ...         with torch.no_grad():
+        ...             for _, tensors in groups:
+        ...                 for t in tensors:
+        ...                     t.clamp_(-1.0, 1.0)
+        >>> trainer = pl.Trainer(callbacks=[Clamp("weights", after_step=True)])
 
     Reference:
         Lightning's ``BaseFinetuning``, a base class that owns a callback's lifecycle.
