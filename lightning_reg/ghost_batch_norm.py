@@ -130,10 +130,9 @@ def ghost_batch_norm(
         groups = [(size, sizes.count(size)) for size in sorted(set(sizes), reverse=True)]
     direct = len(groups) == len(sizes)
     channels, spatial = x.shape[1], x.shape[2:]
-    outs, stats, start = [], [], 0
-    for i, (size, k) in enumerate(groups):
-        lanes = x[start : start + k * size]
-        start += k * size
+    parts = torch.split(x, [k * size for size, k in groups])  # one backward for all parts
+    outs, stats = [], []
+    for i, ((size, k), lanes) in enumerate(zip(groups, parts)):
         if k > 1:
             lanes = lanes.reshape(k, size, channels, *spatial).transpose(0, 1).flatten(1, 2)
         buffers, factor = [running_mean, running_var], 1.0
@@ -151,7 +150,7 @@ def ghost_batch_norm(
         _update_running_stats_(
             running_mean, running_var, torch.cat(stats, 1), momentum, num_batches_tracked
         )
-    return torch.cat(outs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 @torch.no_grad()

@@ -6,10 +6,10 @@ a filter), so the unit's incoming weights are the rest of the tensor: dim 1 for 
 1.. for ``Conv``; ``ConvTranspose`` weights are ``(in, out, ...)``, so their unit is dim 1.
 ``dim=None`` treats the whole tensor as one vector.
 
-Projection is batched: the tensors are bucketed by (device, dtype, unit length), each bucket's
-unit norms come from one kernel (accumulated in float32 or wider), and all scale factors are
-applied with one foreach multiply. Units already inside the ball are multiplied by exactly 1.0,
-so they stay unchanged bit for bit. A unit whose norm is NaN or infinite is left alone: a
+Projection is batched: small tensors are bucketed by (device, dtype, unit length) so that each
+bucket's unit norms come from one kernel (accumulated in float32 or wider), and each bucket's
+scale factors are applied with one foreach multiply. Units already inside the ball are
+multiplied by exactly 1.0, so they stay unchanged bit for bit. A unit whose norm is NaN or infinite is left alone: a
 constraint never turns a non-finite weight into a number.
 """
 
@@ -41,10 +41,11 @@ __all__ = [
 
 Dim = str | int | tuple[int, ...] | None
 Params = torch.Tensor | nn.Module | Iterable[torch.Tensor]
-#: One bucket: (tensor, permutation putting the unit dims first, shape of its scale factors).
-Bucket = list[tuple[torch.Tensor, tuple[int, ...] | None, list[int]]]
+#: The tensors of one (device, dtype), as segments of equal unit length that share one norm
+#: kernel: (tensor, permutation putting the unit dims first or None, shape of its scales).
+Bucket = list[list[tuple[torch.Tensor, tuple[int, ...] | None, list[int]]]]
 _CONSTRAINTS = ("max_norm", "unit_norm", "non_neg")
-_BUCKET_NUMEL = 1 << 25  # bound the temporary copy of one bucket's units
+_CAT_NUMEL = 1 << 14  # smaller tensors share one norm kernel (through a copy), larger get their own
 
 
 def _check_dim(dim: Any) -> Dim:
@@ -55,28 +56,26 @@ def _check_dim(dim: Any) -> Dim:
 
 
 def _plan(selected: Iterable[SelectedParam], dim: Dim) -> list[Bucket]:
-    """Bucket tensors by (device, dtype, unit length) so one kernel gives a bucket's norms."""
-    buckets: dict[tuple, Bucket] = {}
+    """Bucket tensors by (device, dtype); small ones of equal unit length share a segment."""
+    buckets: dict[tuple, dict[tuple, list]] = {}
     for s in selected:
-        t = s.param
-        if dim is None:
-            reduce = tuple(range(t.ndim))
-        elif dim == "unit":
-            reduce = tuple(d for d in range(t.ndim) if d != s.unit_dim)
-        else:
-            reduce = tuple(sorted({d % t.ndim for d in ((dim,) if isinstance(dim, int) else dim)}))
-        order = tuple(d for d in range(t.ndim) if d not in reduce) + reduce
-        length = math.prod(t.shape[d] for d in reduce)
-        if t.numel() == 0:
+        t, numel = s.param, s.param.numel()
+        if numel == 0:
             continue
-        key = (t.device, t.dtype, length)
-        bucket = buckets.setdefault(key, [])
-        if bucket and sum(x.numel() for x, _, _ in bucket) + t.numel() > _BUCKET_NUMEL:
-            buckets[(*key, len(buckets))] = bucket  # full: keep it, start a new one
-            bucket = buckets[key] = []
-        shape = [1 if d in reduce else n for d, n in enumerate(t.shape)]
-        bucket.append((t, None if order == tuple(range(t.ndim)) else order, shape))
-    return list(buckets.values())
+        if dim == "unit" and s.unit_dim == 0 and t.ndim:  # the common case, without permutes
+            order, shape = None, [t.shape[0]] + [1] * (t.ndim - 1)
+        else:
+            if dim is None or dim == "unit":
+                reduce = tuple(d for d in range(t.ndim) if dim is None or d != s.unit_dim)
+            else:
+                dims = (dim,) if isinstance(dim, int) else dim
+                reduce = tuple(sorted({d % t.ndim for d in dims}))
+            order = tuple(d for d in range(t.ndim) if d not in reduce) + reduce
+            order = None if order == tuple(range(t.ndim)) else order
+            shape = [1 if d in reduce else n for d, n in enumerate(t.shape)]
+        key = (numel // math.prod(shape), numel > _CAT_NUMEL and id(t))
+        buckets.setdefault((t.device, t.dtype), {}).setdefault(key, []).append((t, order, shape))
+    return [list(segments.values()) for segments in buckets.values()]
 
 
 @torch.no_grad()
@@ -86,16 +85,21 @@ def _rescale_(
     """Multiply every unit by ``scale_fn(its norm)`` in place; return ``(norms, scales)``."""
     out = []
     for bucket in plan:
-        tensors = [t for t, _, _ in bucket]
-        length = math.prod(tensors[0].shape) // math.prod(bucket[0][2])
-        units = [(t if o is None else t.permute(o)).reshape(-1, length) for t, o, _ in bucket]
-        acc = torch.promote_types(tensors[0].dtype, torch.float32)
-        rows = units[0] if len(units) == 1 else torch.cat(units)
-        norms = torch.linalg.vector_norm(rows, dim=1, dtype=acc)
-        scale = scale_fn(norms)
-        pieces = scale.to(tensors[0].dtype).split([u.shape[0] for u in units])
-        foreach_mul_(tensors, [p.view(shape) for p, (_, _, shape) in zip(pieces, bucket)])
-        out.append((norms, scale))
+        items = [item for segment in bucket for item in segment]
+        dtype = items[0][0].dtype
+        acc = torch.promote_types(dtype, torch.float32)
+        norms, counts = [], []
+        for segment in bucket:
+            length = segment[0][0].numel() // math.prod(segment[0][2])
+            units = [(t if o is None else t.permute(o)).reshape(-1, length) for t, o, _ in segment]
+            rows = units[0] if len(units) == 1 else torch.cat(units)
+            norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=acc))
+            counts.extend(u.shape[0] for u in units)
+        flat = norms[0] if len(norms) == 1 else torch.cat(norms)
+        scale = scale_fn(flat)
+        pieces = scale.to(dtype).split(counts)
+        foreach_mul_([t for t, _, _ in items], [p.view(sh) for p, (_, _, sh) in zip(pieces, items)])
+        out.append((flat, scale))
     return out
 
 

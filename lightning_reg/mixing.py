@@ -21,6 +21,7 @@ Pure torch first (:func:`mixup`, :func:`cutmix_boxes`, :func:`cutmix`), then the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "cutmix",
     "cutmix_boxes",
     "mixup",
+    "sample_beta",
 ]
 
 Params = dict[str, Any]
@@ -155,6 +157,35 @@ def _beta(alpha: float, n: int, device: torch.device) -> torch.Tensor:
     """``n`` draws of ``Beta(α, α)`` from the global RNG of ``device`` (no host sync)."""
     c = torch.full((n,), alpha, device=device)
     return torch.distributions.Beta(c, c, validate_args=False).sample()
+
+
+def sample_beta(
+    alpha: float,
+    beta: float,
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None = None,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Deprecated (removed in the next release): use ``torch.distributions.Beta``.
+
+    Draws ``Beta(alpha, beta)`` samples of ``shape`` reproducibly from ``generator``: one seed is
+    drawn from it and ``torch.distributions.Beta`` samples under that seed.
+
+    Raises:
+        ValueError: if ``alpha`` or ``beta`` is not a finite positive number.
+    """
+    warnings.warn(
+        "sample_beta is deprecated: use torch.distributions.Beta", DeprecationWarning, stacklevel=2
+    )
+    a, b = check_positive("alpha", alpha), check_positive("beta", beta)
+    seed = int(
+        torch.randint(0, 2**62, (), generator=generator, device=getattr(generator, "device", "cpu"))
+    )
+    with seeded_global_rng(seed, torch.device(device)):
+        ones = torch.ones(tuple(shape), device=device, dtype=torch.float64)
+        return torch.distributions.Beta(ones * a, ones * b).sample().to(dtype)
 
 
 # --------------------------------------------------------------------------------------------

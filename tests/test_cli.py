@@ -184,7 +184,6 @@ def test_config_runs_the_example_and_reports_skips(tmp_path):
             "l2",
             "mixup",
             "jacobian",
-            "early_stopping",
             "--monitor",
             "val_acc",
             "--mode",

@@ -99,6 +99,12 @@ class ConfigBackend:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         self._probe = self._build(seed=0, callbacks=[])
+        if type(self._probe.model) is pl.LightningModule:  # LightningCLI's default: no `model:`
+            raise ConfigError(
+                f"argument --config: {self.path} has no `model:` section (the class_path and "
+                "init_args of your LightningModule)"
+            )
+        self._context = self._make_context()
 
     # ----------------------------------------------------------------------- building
     def _build(self, seed: int, callbacks: list[Callback]) -> Any:
@@ -122,6 +128,9 @@ class ConfigBackend:
             raise ConfigError(f"argument --config: {self.path}: {_one_line(err)}") from None
 
     def context(self) -> registry.TechniqueContext:
+        return self._context
+
+    def _make_context(self) -> registry.TechniqueContext:
         cli = self._probe
         model = cli.model
         try:
