@@ -9,8 +9,8 @@ a filter), so the unit's incoming weights are the rest of the tensor: dim 1 for 
 Projection is batched: small tensors are bucketed by (device, dtype, unit length) so that each
 bucket's unit norms come from one kernel (accumulated in float32 or wider), and each bucket's
 scale factors are applied with one foreach multiply. Units already inside the ball are
-multiplied by exactly 1.0, so they stay unchanged bit for bit. A unit whose norm is NaN or infinite is left alone: a
-constraint never turns a non-finite weight into a number.
+multiplied by exactly 1.0, so they stay unchanged bit for bit. A unit whose norm is NaN or
+infinite is left alone: a constraint never turns a non-finite weight into a number.
 """
 
 from __future__ import annotations

@@ -75,11 +75,11 @@ def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor) 
         ``(count, mean, m2)`` of the union: a scalar and two ``(C,)`` tensors.
 
     Example:
-        >>> x = torch.tensor([[1.0], [2.0], [4.0]], dtype=torch.float64)
+        >>> # [1, 2] (mean 1.5, M2 0.5) merged with [4] (mean 4, M2 0): the moments of [1, 2, 4]
         >>> n, mean, m2 = merge_moments(torch.tensor([2.0, 1.0]), torch.tensor([[1.5], [4.0]]),
         ...                             torch.tensor([[0.5], [0.0]]))
-        >>> float(mean), float(m2 / (n - 1)) == float(x.var())
-        (2.3333333333333335, True)
+        >>> round(float(mean), 4), round(float(m2 / (n - 1)), 4)  # torch.tensor([1., 2, 4]).var()
+        (2.3333, 2.3333)
 
     Reference:
         Chan, Golub, LeVeque, "Updating formulae and a pairwise algorithm for computing sample

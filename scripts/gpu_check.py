@@ -97,7 +97,9 @@ def _zoo(name: str, precision: str, cpu: bool) -> str:
         L2Callback(1e-2),
         MaxNormCallback(3.0),
         StochasticDepthCallback(0.5, seed=0),
-        RegularizationMonitorCallback(every_n_steps=1, num_classes=10),
+        RegularizationMonitorCallback(
+            every_n_steps=1, num_classes=10, target_key="labels" if zm.kind == "text" else 1
+        ),
     ]
     trainer = pl.Trainer(
         max_steps=3,

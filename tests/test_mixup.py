@@ -23,6 +23,7 @@ from lightning_reg.mixing import (
     cutmix,
     cutmix_boxes,
     mixup,
+    sample_beta,
 )
 from tests.distributed.scenarios_augmentation import fit_draws
 from tests.helpers.models import SmallCNN, list_loader, tiny_trainer
@@ -85,6 +86,17 @@ def test_per_sample_lambda_passes_ks_test_and_is_reproducible(alpha):
         lams.append(cb.last_params["lam"])
     assert st.kstest(lams[0].double().numpy(), st.beta(alpha, alpha).cdf).pvalue > 1e-3
     assert torch.equal(lams[0], lams[1]) and not torch.equal(lams[0], lams[2])
+
+
+def test_sample_beta_is_a_deprecated_reproducible_alias():
+    g = torch.Generator().manual_seed(3)
+    with pytest.warns(DeprecationWarning, match=r"torch\.distributions\.Beta"):
+        lam = sample_beta(0.5, 2.0, (3000,), generator=g, dtype=torch.float64)
+        again = sample_beta(0.5, 2.0, (3000,), generator=torch.Generator().manual_seed(3))
+    assert st.kstest(lam.numpy(), st.beta(0.5, 2.0).cdf).pvalue > 1e-3
+    torch.testing.assert_close(lam.float(), again)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="`alpha` must be"):
+        sample_beta(0.0, 1.0, (3,))
 
 
 @FAST

@@ -2,6 +2,7 @@
 
 from lightning_reg.core.batch import BatchSlot
 from lightning_reg.core.hooks import OptimizerStepHooks
+from lightning_reg.core.param_callback import ParamCallback
 from lightning_reg.core.params import ParamSelection
 from lightning_reg.core.schedules import (
     CallableSchedule,
@@ -27,6 +28,7 @@ __all__ = [
     "LinearSchedule",
     "ModuleChange",
     "OptimizerStepHooks",
+    "ParamCallback",
     "ParamSelection",
     "Schedule",
     "StepSchedule",
