@@ -19,7 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 API_BLOCK = re.compile(r"^:::\s+lightning_reg\.(?P<name>[A-Za-z_][\w.]*)\s*$", re.MULTILINE)
-FENCE = re.compile(r"^(?P<fence>```|~~~).*?^(?P=fence)\s*$", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(r"^(?P<fence>`{3,}|~{3,}).*?^(?P=fence)\s*$", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1", re.DOTALL)
 MD_LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\((?P<url>[^)\s]+)(?:\s+\"[^\"]*\")?\)")
 AUTOLINK = re.compile(r"<(?P<url>https?://[^>\s]+)>")
@@ -183,6 +183,7 @@ def test_link_checker_rejects_what_it_should(tmp_path: Path):
     page.write_text(
         "[a](../shared/reference/x.md) [b](https://example.com/x) [c](https://arxiv.org/abs/1)\n"
         "`[not a link](nowhere.md)`\n```\n[nor this](nowhere.md)\n```\n<https://evil.test/>\n"
+        "````markdown\n```bash\nx\n```\n[nor this, in a longer fence](nowhere.md)\n````\n"
     )
     assert links(page) == [
         "../shared/reference/x.md",
@@ -365,11 +366,13 @@ def test_hook_turns_links_to_repository_files_into_text_outside_code(tmp_path: P
     text = (
         "[example](../examples/a.yaml) [`examples/b.py`](../examples/b.py) "
         "[page](other.md) [outside](../../elsewhere.md)\n```\n[kept](../examples/a.yaml)\n```\n"
+        "````md\n```\n```\n[kept](../examples/a.yaml)\n````\n"
     )
     out = hooks.rewrite_links(text, docs, docs, docs, tmp_path)
     assert out == (
         "example (`examples/a.yaml`) `examples/b.py` [page](other.md) "
         "[outside](../../elsewhere.md)\n```\n[kept](../examples/a.yaml)\n```\n"
+        "````md\n```\n```\n[kept](../examples/a.yaml)\n````\n"
     )
 
 

@@ -34,7 +34,7 @@ RESULTS_CSV = Path("results") / "results.csv"  # relative to docs/
 ROW_MARKER = re.compile(r"^<!--\s*ablation-row:\s*(?P<names>[\w ,.-]+?)\s*-->\s*$", re.MULTILINE)
 TABLE_MARKER = re.compile(r"^<!--\s*ablation-table\s*-->\s*$", re.MULTILINE)
 INCLUDE_MARKER = re.compile(r"^<!--\s*include:\s*(?P<path>[\w./-]+)\s*-->\s*$", re.MULTILINE)
-FENCED = re.compile(r"^(?P<fence>```|~~~).*?^(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
+FENCED = re.compile(r"^(?P<fence>`{3,}|~{3,}).*?^(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"(?P<bang>!?)\[(?P<text>[^\]]*)\]\((?P<url>[^)\s]+)(?P<title>\s+\"[^\"]*\")?\)")
 
 #: Known metric stems, in column order: (stem, header, kind). A column is shown when the CSV has
