@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ __all__ = [
     "StochasticDepthCallback",
     "StochasticDepthWrapper",
     "apply_stochastic_depth",
+    "default_block_types",
     "expected_depth",
     "is_residual_block",
     "remove_stochastic_depth",
@@ -447,6 +449,20 @@ def is_residual_block(
     return stack_name in _LAYER_STACKS and any(
         "attention" in type(m).__name__.lower() for m in module.modules() if m is not module
     )
+
+
+def default_block_types() -> tuple[type[nn.Module], ...]:
+    """Deprecated (removed in the next release): blocks are recognised by structure now, see
+    :func:`is_residual_block`. Returns the types the old default wrapped."""
+    warnings.warn(
+        "default_block_types() is deprecated: apply_stochastic_depth recognises residual "
+        "blocks by structure (see is_residual_block).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return (BasicBlock, Bottleneck, *_TORCH_LAYERS)
 
 
 def _resolve_block_types(

@@ -58,6 +58,8 @@ from tests.helpers.zoo import (
     logits_of,
 )
 
+pytestmark = pytest.mark.slow  # still runs by default (addopts deselects nothing)
+
 TECHNIQUES = [
     "penalties",
     "max_norm",

@@ -26,6 +26,8 @@ from lightning_reg import GhostBatchNorm, ParamSelection
 from tests.helpers.matrix import NUM_CLASSES, TECHNIQUES, build_run, make_loader
 from tests.helpers.zoo import MemoryLogger
 
+pytestmark = pytest.mark.slow  # still runs by default (addopts deselects nothing)
+
 _NO_CUDA = "float16 needs CUDA: Lightning refuses 16-mixed on the CPU and CPU kernels lack float16"
 PRECISIONS = [
     "32-true",

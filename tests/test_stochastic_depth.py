@@ -641,3 +641,8 @@ def test_row_mode_one_kept_row_with_batchnorm1d():
     wrapper.generator = torch.Generator().manual_seed(seed)
     wrapper(torch.randn(4, 4)).sum().backward()
     assert wrapper.dropped == 3
+
+
+def test_default_block_types_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="is_residual_block"):
+        assert nn.TransformerEncoderLayer in sd_mod.default_block_types()
