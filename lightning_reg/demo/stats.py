@@ -47,8 +47,8 @@ def paired_difference(
     """``(mean difference, CI half-width, p-value)`` of ``values − baseline``, paired by seed.
 
     The p-value is the two-sided paired t-test (``scipy.stats.ttest_rel``). With fewer than two
-    pairs it is NaN; when every difference is the same, it is 1.0 for all-zero differences and 0.0
-    otherwise (the t statistic is infinite).
+    pairs it is NaN; when every difference is the same, it is 1.0 for all-zero differences and
+    NaN otherwise (zero variance: the test is undefined, so no significance is claimed).
     """
     from scipy import stats
 
@@ -62,7 +62,7 @@ def paired_difference(
     if len(pairs) < 2:
         return mean, half, math.nan
     if max(diffs) == min(diffs):
-        return mean, 0.0, 1.0 if diffs[0] == 0 else 0.0
+        return mean, 0.0, 1.0 if diffs[0] == 0 else math.nan
     p = float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
     return mean, half, p
 
