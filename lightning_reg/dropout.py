@@ -231,7 +231,13 @@ def _insert(
 ) -> list[ModuleChange]:
     p = _check_p("p", p)
     check_choice("kind", kind, _DROPOUT_KINDS)
-    policy = {t: (lambda mod, path: cls(mod, p, kind)) for t in types}
+    # nn.MultiheadAttention reads its `out_proj` weights directly and never calls it: skip.
+    unused = {
+        id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()
+    }
+    policy = {
+        t: (lambda mod, path: None if id(mod) in unused else cls(mod, p, kind)) for t in types
+    }
     changes = replace_modules(model, policy, refuse_if_contains=(cls,))
     if not changes:
         found = sorted({type(m).__name__ for m in model.modules()})

@@ -543,3 +543,11 @@ def test_add_dropout_default_finds_timm_and_hf_activations(name):
     with torch.no_grad():
         assert torch.equal(run(model), ref)
         assert not torch.equal(run(model.train()), ref)
+
+
+def test_add_dropout_skips_multihead_attention_out_proj() -> None:
+    # nn.MultiheadAttention reads out_proj.weight directly; wrapping it broke the forward.
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    paths = [c.path for c in add_dropout(layer, 0.1, after=(nn.Linear,))]
+    assert paths == ["linear1", "linear2"]
+    assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 8)
