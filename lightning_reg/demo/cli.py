@@ -28,7 +28,7 @@ FAST_SEEDS = 2
 DEFAULT_SEEDS = 3
 #: Per-dataset training defaults: epochs, batch size, validation interval, optimizer, lr.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnist1d": dict(epochs=100, batch_size=512, val_every=5, optimizer="adam", lr=1e-2),
+    "mnist1d": dict(epochs=60, batch_size=512, val_every=5, optimizer="adam", lr=1e-2),
     "digits": dict(epochs=20, batch_size=64, val_every=2, optimizer="sgd", lr=0.05),
     "breast_cancer": dict(epochs=60, batch_size=32, val_every=2, optimizer="sgd", lr=0.05),
 }
