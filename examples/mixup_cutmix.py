@@ -47,9 +47,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         enable_checkpointing=False,
         enable_progress_bar=not args.smoke,
         enable_model_summary=not args.smoke,
+        log_every_n_steps=1 if args.smoke else 50,
     )
     trainer.fit(model, DemoDataModule("digits", train_size=300))
-    result = {"val_acc": float(trainer.callback_metrics["val_acc"])}
+    metrics = trainer.callback_metrics
+    result = {
+        "val_acc": float(metrics["val_acc"]),
+        "mean_lambda": float(metrics[f"reg/{callback.technique}/lambda"]),
+    }
     print(result)
     return result
 

@@ -68,7 +68,8 @@ def test_example_smoke(path, tmp_path):
 
 def test_mixup_and_cutmix_variants():
     module = _load(EXAMPLES / "mixup_cutmix.py")
-    assert module.main(["--smoke", "--method", "cutmix"])["val_acc"] >= 0
+    result = module.main(["--smoke", "--method", "cutmix"])
+    assert 0.0 < result["mean_lambda"] <= 1.0  # logged by the CutMix callback on its steps
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
