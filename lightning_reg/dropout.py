@@ -727,7 +727,7 @@ class DropoutCallback(pl.Callback):
         self.apply_to = apply_to
         self.insert = bool(insert)
         self._p: float | None = None  # the rate last set, to skip unchanged updates
-        self._modules: list[nn.Module] = []
+        self._dropouts: list[nn.Module] = []
 
     def _rate(self, trainer: pl.Trainer) -> float:
         value = self.schedule.value(epoch=trainer.current_epoch, step=trainer.global_step)
@@ -740,10 +740,10 @@ class DropoutCallback(pl.Callback):
             )
         return value
 
-    def _apply(self, trainer: pl.Trainer) -> float:
+    def _set_rate(self, trainer: pl.Trainer) -> float:
         p = self._rate(trainer)
         if p != self._p:
-            for module in self._modules:
+            for module in self._dropouts:
                 module.p = p
             self._p = p
         return p
@@ -756,8 +756,8 @@ class DropoutCallback(pl.Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._modules = [m for _, m in dropout_modules(pl_module, self.apply_to)]
-        if not self._modules:
+        self._dropouts = [m for _, m in dropout_modules(pl_module, self.apply_to)]
+        if not self._dropouts:
             where = f" matching apply_to={self.apply_to}" if self.apply_to is not None else ""
             raise RuntimeError(
                 f"DropoutCallback found no nn.Dropout* module{where} in the model. Insert "
@@ -765,12 +765,12 @@ class DropoutCallback(pl.Callback):
                 "`DropoutCallback(..., insert=True)`, or fix `apply_to`."
             )
         self._p = None
-        self._apply(trainer)
+        self._set_rate(trainer)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        p = self._apply(trainer)
+        p = self._set_rate(trainer)
         if is_logging_step(trainer):
             log_scalars(pl_module, {"reg/dropout/p": p})
