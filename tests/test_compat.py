@@ -34,6 +34,13 @@ def test_private_base_classes_cover_the_public_layers() -> None:
         assert isinstance(layer, compat.DropoutBase)
 
 
+def test_state_dict_metadata_is_keyed_by_module_path() -> None:
+    from torch import nn
+
+    metadata = compat.state_dict_metadata(nn.Sequential(nn.Linear(2, 2)).state_dict())
+    assert metadata is not None and "0" in metadata and "version" in metadata["0"]
+
+
 def test_grad_scaler_scale_is_a_tensor_after_first_scale() -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
     assert compat.grad_scaler_scale(scaler) is None

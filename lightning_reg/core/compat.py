@@ -28,6 +28,7 @@ __all__ = [
     "foreach_sub_",
     "grad_scaler_scale",
     "should_update_logs",
+    "state_dict_metadata",
 ]
 
 # Base classes torch keeps private; isinstance checks against them cover every variant
@@ -68,3 +69,8 @@ def batches_that_stepped(trainer: pl.Trainer) -> int:
 def grad_scaler_scale(scaler: Any) -> torch.Tensor | None:
     """A ``GradScaler``'s current scale as a tensor (no host sync), ``None`` before first use."""
     return scaler._get_scale_async()
+
+
+def state_dict_metadata(state_dict: Any) -> dict[str, Any] | None:
+    """The per-module version metadata torch attaches to a ``state_dict`` (or ``None``)."""
+    return getattr(state_dict, "_metadata", None)

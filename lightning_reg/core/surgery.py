@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_reg.core.compat import state_dict_metadata
+
 __all__ = [
     "ModuleChange",
     "SurgeryWrapper",
@@ -79,7 +81,7 @@ def _strip_level(
     inner = f"{prefix}{child}."
     for key in [k for k in state_dict if k.startswith(inner)]:
         state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
-    metadata = getattr(state_dict, "_metadata", None)  # compat: torch's state-dict metadata
+    metadata = state_dict_metadata(state_dict)
     if metadata is not None:
         base = inner[:-1]
         for key in [k for k in metadata if k == base or k.startswith(inner)]:
