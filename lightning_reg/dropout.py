@@ -231,10 +231,10 @@ def _insert(
 ) -> list[ModuleChange]:
     p = _check_p("p", p)
     check_choice("kind", kind, _DROPOUT_KINDS)
-    # nn.MultiheadAttention reads its `out_proj` weights directly and never calls it: skip.
-    unused = {
-        id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()
-    }
+    # torch's attention and transformer layers read their children's weights directly (fused
+    # fast path) instead of calling them: a wrapper there would break them, so skip those.
+    fused = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    unused = {id(c) for m in model.modules() if isinstance(m, fused) for c in m.children()}
     policy = {
         t: (lambda mod, path: None if id(mod) in unused else cls(mod, p, kind)) for t in types
     }

@@ -545,9 +545,15 @@ def test_add_dropout_default_finds_timm_and_hf_activations(name):
         assert not torch.equal(run(model.train()), ref)
 
 
-def test_add_dropout_skips_multihead_attention_out_proj() -> None:
-    # nn.MultiheadAttention reads out_proj.weight directly; wrapping it broke the forward.
-    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
-    paths = [c.path for c in add_dropout(layer, 0.1, after=(nn.Linear,))]
-    assert paths == ["linear1", "linear2"]
-    assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+def test_add_dropout_skips_layers_torch_reads_directly() -> None:
+    # nn.MultiheadAttention reads out_proj.weight, and TransformerEncoderLayer's fast path reads
+    # linear1/linear2 weights, without calling them: wrapping them broke the forward.
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True), num_layers=2
+    )
+    model = nn.Sequential(encoder, nn.Linear(8, 3))
+    assert [c.path for c in add_dropout(model, 0.1, after=(nn.Linear,))] == ["1"]
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 3, 3)
+    assert model.train()(x).shape == (2, 3, 3)
