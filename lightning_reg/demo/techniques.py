@@ -213,7 +213,7 @@ TECHNIQUES: dict[str, Technique] = {
             "Krogh & Hertz 1992",
             lambda ctx, s: Recipe([L2Callback(s)]),
             (1e-4, 1e-3, 1e-2),
-            1e-3,
+            1e-4,
             "λ",
         ),
         T(
@@ -235,7 +235,7 @@ TECHNIQUES: dict[str, Technique] = {
             "Zou & Hastie 2005",
             lambda ctx, s: Recipe([ElasticNetCallback(s, s, proximal=True)]),
             (1e-3, 1e-2, 1e-1),
-            1e-2,
+            1e-3,
             "λ",
         ),
         T(
@@ -246,7 +246,7 @@ TECHNIQUES: dict[str, Technique] = {
             "Srivastava et al. 2014",
             lambda ctx, s: Recipe([MaxNormCallback(s)]),
             (0.5, 1.0, 2.0, 3.0),
-            1.0,
+            2.0,
             "r",
         ),
         T(
@@ -257,7 +257,7 @@ TECHNIQUES: dict[str, Technique] = {
             "Srivastava et al. 2014",
             _dropout,
             (0.1, 0.3, 0.5),
-            0.3,
+            0.1,
             "p",
         ),
         T(
@@ -268,7 +268,7 @@ TECHNIQUES: dict[str, Technique] = {
             "Bishop 1995; Simard et al. 2003",
             _augmentation,
             (0.1, 0.2, 0.4),
-            0.2,
+            0.1,
             "σ",
         ),
         T(
@@ -279,7 +279,7 @@ TECHNIQUES: dict[str, Technique] = {
             "Zhang et al. 2018",
             lambda ctx, s: Recipe([MixUpCallback(s, num_classes=ctx.num_classes)]),
             (0.1, 0.2, 0.4),
-            0.2,
+            0.1,
             "α",
         ),
         T(
@@ -353,7 +353,7 @@ TECHNIQUES: dict[str, Technique] = {
             "Hoffman, Roberts & Yaida 2019",
             _jacobian,
             (1e-3, 1e-2, 1e-1),
-            1e-2,
+            1e-3,
             "λ",
         ),
         T(
