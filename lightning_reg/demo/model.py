@@ -169,7 +169,7 @@ def build_model(
         return MLP(math.prod(input_shape), num_classes, width=width or 100)
     if kind == "sequence":
         channels = input_shape[0] if len(input_shape) == 2 else 1
-        return ResidualCNN1d(channels, num_classes, width=width or 32)
+        return ResidualCNN1d(channels, num_classes, width=width or 16)
     if kind == "image":
         return ResidualCNN(input_shape[0], num_classes, width=width or 16)
     if arch == "cnn":
