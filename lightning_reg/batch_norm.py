@@ -1,4 +1,4 @@
-"""Deprecated: ``lightning_reg.batch_norm`` was split after 0.1.0; this alias goes in the next release.
+"""Deprecated: ``lightning_reg.batch_norm`` was split after 0.1.0; the alias goes next release.
 
 Import from ``lightning_reg`` (or ``lightning_reg.ghost_batch_norm``,
 ``lightning_reg.precise_batch_norm``, ``lightning_reg.batch_norm_surgery``).
