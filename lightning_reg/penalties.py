@@ -38,7 +38,7 @@ from lightning_reg.core.compat import (
 )
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.param_callback import Group, ParamCallback, resolve_params
-from lightning_reg.core.params import ParamSelection
+from lightning_reg.core.params import ParamSelection, split_by_device_dtype
 from lightning_reg.core.validation import check_non_negative
 
 __all__ = [
@@ -57,18 +57,11 @@ __all__ = [
 Params = torch.Tensor | nn.Module | Iterable[torch.Tensor]
 
 
-def _by_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
-    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        buckets.setdefault((t.device, t.dtype), []).append(t)
-    return list(buckets.values())
-
-
 def _norm_sum(tensors: Sequence[torch.Tensor], ord: float) -> torch.Tensor:
     """Σ over tensors of ‖t‖_ord^ord (‖t‖_0: non-zero count), accumulated in float32 or wider
     (float64 stays float64), with one foreach kernel per (device, dtype)."""
     total = torch.zeros(())
-    for group in _by_dtype(tensors):
+    for group in split_by_device_dtype(tensors):
         acc = torch.promote_types(group[0].dtype, torch.float32)
         norms = torch.stack(foreach_norm(group, ord, dtype=acc))
         part = norms.square().sum() if ord == 2 else norms.sum()
@@ -141,7 +134,7 @@ def add_penalty_grad_(params: Sequence[torch.Tensor], l1: float = 0.0, l2: float
         >>> add_penalty_grad_([p], l1=1.0, l2=0.5); p.grad
         tensor([2., 0.])
     """
-    for ps in _by_dtype(p for p in params if p.grad is not None):
+    for ps in split_by_device_dtype(p for p in params if p.grad is not None):
         grads = [p.grad for p in ps]
         if l2:
             foreach_add_(grads, ps, alpha=l2)

@@ -23,11 +23,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lightning_reg.core.validation import check_choice
 
-__all__ = ["NORM_LAYER_TYPES", "ParamSelection", "SelectedParam"]
+__all__ = ["NORM_LAYER_TYPES", "ParamSelection", "SelectedParam", "split_by_device_dtype"]
 
 #: Module types whose parameters are never "weights" (plus any class named ``*Norm``/``*Norm2d``).
 NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = tuple(
@@ -199,3 +200,11 @@ class ParamSelection:
     def parameters(self, model: nn.Module, *, allow_empty: bool = False) -> list[nn.Parameter]:
         """Shorthand for the parameter tensors of :meth:`select`."""
         return [s.param for s in self.select(model, allow_empty=allow_empty)]
+
+
+def split_by_device_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Group tensors by ``(device, dtype)``, as the multi-tensor (foreach) kernels require."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    return list(buckets.values())
