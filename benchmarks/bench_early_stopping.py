@@ -160,7 +160,7 @@ def _device_memory_note() -> str:
     best = BestWeights()
     best.save(model)
     best.save(model)
-    buffers = best.wait()
+    buffers = best.state
     torch.cuda.synchronize()
     extra = torch.cuda.memory_allocated() - before
     peak_extra = torch.cuda.max_memory_allocated() - before

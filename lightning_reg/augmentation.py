@@ -24,7 +24,6 @@ Then the Lightning class, :class:`DataAugmentationCallback`, which rewrites the 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,13 +37,7 @@ from typing_extensions import override
 from lightning_reg.core.batch import BatchKey, BatchSlot
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.random import CallbackRNG, seeded_global_rng
-from lightning_reg.core.validation import (
-    check_choice,
-    check_int,
-    check_non_negative,
-    check_probability,
-    check_range,
-)
+from lightning_reg.core.validation import check_choice, check_int, check_probability, check_range
 
 __all__ = [
     "BatchTransform",
@@ -64,67 +57,51 @@ __all__ = [
 
 Params = dict[str, Any]
 Shape = tuple[int, ...]
+Pair = tuple[float, float]  # a (low, high) range
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
 Dev = torch.device | str | None  # the device to draw on (None: torch's default device)
 Gen = torch.Generator | None  # None: the global torch RNG
 
 
 # --------------------------------------------------------------------------------------------
-# Random draws
+# Helpers and random draws
 # --------------------------------------------------------------------------------------------
 
 
-def _rand(shape: Sequence[int], generator: Gen, device: Dev) -> torch.Tensor:
-    """``U[0, 1)`` of ``shape`` on ``device`` from ``generator`` (global RNG if ``None``)."""
-    return torch.rand(tuple(shape), generator=generator, device=device)
+def _rand(shape: Shape, gen: Gen, device: Dev, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """``U[low, high)`` of ``shape`` on ``device`` from ``gen`` (the global RNG if ``None``)."""
+    u = torch.rand(shape, generator=gen, device=device)
+    return u if low == 0.0 and high == 1.0 else u * (high - low) + low
 
 
-def _uniform(
-    shape: Sequence[int], low: float, high: float, generator: Gen, device: Dev
-) -> torch.Tensor:
-    return _rand(shape, generator, device) * (high - low) + low
+def _range(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, **kw: Any) -> Pair:
+    """``value`` as ``(a, b)`` with ``lo <= a <= b <= hi`` (``kw``: ``check_range``'s options).
 
-
-def _range(
-    name: str,
-    value: float | Sequence[float],
-    low: float = -math.inf,
-    high: float = math.inf,
-    *,
-    centre: float | None = None,
-    low_inclusive: bool = True,
-) -> tuple[float, float]:
-    """``value`` as ``(a, b)`` with ``low <= a <= b <= high``.
-
-    A number ``v >= 0`` means ``(centre - v, centre + v)``, or ``(v, v)`` without a centre.
+    A number ``v >= 0`` means ``(centre - v, centre + v)`` with ``kw["centre"]``, else ``(v, v)``.
     """
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        v = check_non_negative(name, value)
+    centre = kw.pop("centre", None)
+    if not isinstance(value, Sequence):
+        v = check_range(name, value, 0.0)
         value = (v, v) if centre is None else (centre - v, centre + v)
-    if not isinstance(value, Sequence) or len(value) != 2:
+    if len(value) != 2:
         raise ValueError(f"`{name}` must be a number or a (low, high) pair, got {value!r}")
-    a, b = (
-        check_range(f"{name}[{i}]", v, low, high, low_inclusive=low_inclusive)
-        for i, v in enumerate(value)
-    )
+    a, b = (check_range(f"{name}[{i}]", v, lo, hi, **kw) for i, v in enumerate(value))
     if a > b:
         raise ValueError(f"`{name}` must satisfy low <= high, got {tuple(value)!r}")
     return (a, b)
 
 
-def _image_shape(shape: Shape, name: str) -> tuple[int, int]:
+def _hw(shape: Shape, who: object, what: str = "images (B, C, H, W) or (B, H, W)") -> Pair:
+    """The last two sizes of ``shape``, which must have at least 3 dims."""
     if len(shape) < 3:
-        raise ValueError(
-            f"{name} expects a batch of images (B, C, H, W) or (B, H, W), got shape {tuple(shape)}"
-        )
+        raise ValueError(f"{type(who).__name__} expects {what}, got shape {tuple(shape)}")
     return int(shape[-2]), int(shape[-1])
 
 
-def _check_float(x: torch.Tensor, name: str) -> None:
+def _check_float(x: torch.Tensor, who: object) -> None:
     if not x.is_floating_point():
-        raise TypeError(
-            f"{name} expects a floating-point tensor, got {x.dtype}; convert images with "
-            "`x.float() / 255` first"
-        )
+        hint = "convert images with `x.float() / 255` first"
+        raise TypeError(f"{type(who).__name__} expects floating-point input, got {x.dtype}; {hint}")
 
 
 def _per_sample(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +109,10 @@ def _per_sample(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (x.ndim - 1)))
 
 
-def _bchw(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``(B, C, H, W)``, so that ``(B, H, W)`` and ``(B, ..., H, W)`` images work."""
+def _bchw(x: torch.Tensor, who: object) -> torch.Tensor:
+    """Float images ``x`` as ``(B, C, H, W)``, so that ``(B, H, W)`` and ``(B, ..., H, W)`` work."""
+    _hw(x.shape, who)
+    _check_float(x, who)
     return x.reshape(x.shape[0], -1, *x.shape[-2:])
 
 
@@ -142,25 +121,32 @@ def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-2], *out.shape[-2:])
 
 
-def _box_candidates(
-    shape: tuple[int, int, int],
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: Gen,
-    device: Dev,
-    *,
-    strict: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _band(size: int, start: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """``(*start.shape, size)``: whether position ``i`` lies in ``[start, start + width)``."""
+    pos = torch.arange(size, device=start.device, dtype=start.dtype)
+    return (pos >= start[..., None]) & (pos < (start + width)[..., None])
+
+
+def _boxes(
+    shape: Shape, scale: Pair, ratio: Pair, gen: Gen, device: Dev, strict: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, the first of 10 boxes (area ``~U(scale)·H·W``, ``log(w/h) ~U(log ratio)``)
-    that fits in ``(B, H, W)`` (strictly inside if ``strict``): ``(w, h, found)``."""
-    n, height, width = (shape[0], 10), shape[1], shape[2]
-    area = _uniform(n, scale[0], scale[1], generator, device) * (height * width)
-    aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, device))
+    that fits in ``(B, ..., H, W)`` (strictly inside if ``strict``), placed uniformly.
+
+    Returns ``(box, found)``: ``(B, 4)`` integer-valued ``(x0, y0, w, h)`` (meaningless where
+    nothing fits) and whether a candidate fitted.
+    """
+    n, height, width = (shape[0], 10), shape[-2], shape[-1]
+    area = _rand(n, gen, device, *scale) * (height * width)
+    aspect = torch.exp(_rand(n, gen, device, math.log(ratio[0]), math.log(ratio[1])))
     w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
     fits = (w < width) & (h < height) if strict else (w <= width) & (h <= height)
     valid = fits & (w > 0) & (h > 0)
     first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
-    return w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1), valid.any(dim=1)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    u = _rand((shape[0], 2), gen, device)
+    x0, y0 = torch.floor(u[:, 0] * (width - w + 1)), torch.floor(u[:, 1] * (height - h + 1))
+    return torch.stack([x0, y0, w, h], dim=1), valid.any(dim=1)
 
 
 def sample_crop_boxes(
@@ -169,7 +155,6 @@ def sample_crop_boxes(
     width: int,
     scale: tuple[float, float],
     ratio: tuple[float, float],
-    *,
     generator: Gen = None,
     device: Dev = None,
 ) -> torch.Tensor:
@@ -182,23 +167,10 @@ def sample_crop_boxes(
     Returns:
         A float tensor ``(B, 4)`` of integer-valued ``(x0, y0, w, h)`` in pixels.
     """
-    w, h, any_valid = _box_candidates((batch_size, height, width), scale, ratio, generator, device)
-    # Fallback: the central crop (torchvision's rule).
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        fw, fh = round(height * max(ratio)), height
-    else:
-        fw, fh = width, height
-    w = torch.where(any_valid, w, torch.full_like(w, fw))
-    h = torch.where(any_valid, h, torch.full_like(h, fh))
-    u = _rand((batch_size, 2), generator, device)
-    x0 = torch.floor(u[:, 0] * (width - w + 1))
-    y0 = torch.floor(u[:, 1] * (height - h + 1))
-    x0 = torch.where(any_valid, x0, torch.full_like(x0, (width - fw) // 2))
-    y0 = torch.where(any_valid, y0, torch.full_like(y0, (height - fh) // 2))
-    return torch.stack([x0, y0, w, h], dim=1)
+    box, found = _boxes((batch_size, height, width), scale, ratio, generator, device)
+    fw, fh = min(width, round(height * ratio[1])), min(height, round(width / ratio[0]))
+    central = ((width - fw) // 2, (height - fh) // 2, fw, fh)
+    return torch.stack([torch.where(found, b, c) for b, c in zip(box.unbind(1), central)], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,15 +195,13 @@ class BatchTransform(nn.Module):
         """The shape of the output for an input of ``shape`` (default: unchanged)."""
         return tuple(shape)
 
-    def sample_params(
-        self, shape: Shape, *, device: Dev = None, generator: Gen = None
-    ) -> Params:  # pragma: no cover - abstract
+    def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         """Draw the random parameters for a batch of ``shape`` on ``device``."""
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract
 
-    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:  # pragma: no cover
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         """Apply the transform to ``x`` with fixed ``params``."""
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def draw_and_apply(self, x: torch.Tensor, generator: Gen = None) -> tuple[torch.Tensor, Params]:
         """Draw parameters for ``x`` from ``generator``, apply them; return both."""
@@ -262,9 +232,7 @@ class Compose(BatchTransform):
         torch.Size([4, 3, 32, 32])
     """
 
-    def __init__(
-        self, transforms: Sequence[BatchTransform | Callable[[torch.Tensor], torch.Tensor]]
-    ) -> None:
+    def __init__(self, transforms: Sequence[BatchTransform | TensorFn]) -> None:
         super().__init__()
         for i, t in enumerate(transforms):
             if not callable(t):
@@ -273,21 +241,20 @@ class Compose(BatchTransform):
         self._modules_list = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
 
     def output_shape(self, shape: Shape) -> Shape:
-        for t in self.transforms:
+        for i, t in enumerate(self.transforms):
             if not isinstance(t, BatchTransform):
-                raise RuntimeError(f"Cannot predict the output shape of {t!r}")
+                raise RuntimeError(
+                    f"Compose needs BatchTransform steps to predict shapes and parameters; step "
+                    f"{i} is {t!r}. Use Compose.draw_and_apply (or call the Compose) instead."
+                )
             shape = t.output_shape(shape)
         return shape
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         """Parameters of every step (only when every step is a :class:`BatchTransform`)."""
+        self.output_shape(shape)  # raises unless every step is a BatchTransform
         params: Params = {}
         for i, t in enumerate(self.transforms):
-            if not isinstance(t, BatchTransform):
-                raise RuntimeError(
-                    f"Compose.sample_params needs BatchTransform steps; step {i} is {t!r}. "
-                    "Use Compose.draw_and_apply (or call the Compose) instead."
-                )
             params[str(i)] = t.sample_params(shape, device=device, generator=generator)
             shape = t.output_shape(shape)
         return params
@@ -297,7 +264,6 @@ class Compose(BatchTransform):
             x = t.apply(x, params[str(i)]) if isinstance(t, BatchTransform) else t(x)
         return x
 
-    @override
     def draw_and_apply(self, x: torch.Tensor, generator: Gen = None) -> tuple[torch.Tensor, Params]:
         """Draw and apply step by step (other callables use the global RNG); return the params.
 
@@ -334,7 +300,7 @@ class RandomHorizontalFlip(BatchTransform):
         self.p = check_probability("p", p)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        return {"flip": _rand((shape[0],), generator, device) < self.p}
+        return {"flip": _rand(shape[:1], generator, device) < self.p}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         return torch.where(_per_sample(params["flip"], x), x.flip(-1), x)
@@ -367,7 +333,10 @@ class RandomResizedCrop(BatchTransform):
         mode: str = "bilinear",
     ) -> None:
         super().__init__()
-        self.size = _size_pair(size)
+        size = size if isinstance(size, Sequence) else (size, size)
+        if len(size) != 2:
+            raise ValueError(f"`size` must be an int or a (height, width) pair, got {size!r}")
+        self.size = (check_int("size[0]", size[0], 1), check_int("size[1]", size[1], 1))
         self.scale = _range("scale", scale, 0.0, 1.0, low_inclusive=False)
         self.ratio = _range("ratio", ratio, 0.0, math.inf, low_inclusive=False)
         self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
@@ -376,22 +345,16 @@ class RandomResizedCrop(BatchTransform):
         return (*shape[:-2], *self.size)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        h, w = _image_shape(shape, type(self).__name__)
-        boxes = sample_crop_boxes(
-            shape[0], h, w, self.scale, self.ratio, generator=generator, device=device
-        )
-        return {"box": boxes}
+        h, w = _hw(shape, self)
+        return {"box": sample_crop_boxes(shape[0], h, w, self.scale, self.ratio, generator, device)}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         import kornia.geometry.transform as KG
 
-        _check_float(x, type(self).__name__)
         x0, y0, w, h = params["box"].to(x.dtype).unbind(1)
         x1, y1 = x0 + w - 1, y0 + h - 1
-        corners = torch.stack(
-            [torch.stack(p, dim=1) for p in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], dim=1
-        )
-        out = KG.crop_and_resize(_bchw(x), corners, self.size, mode=self.mode, align_corners=True)
+        corners = torch.stack([x0, y0, x1, y0, x1, y1, x0, y1], dim=1).view(-1, 4, 2)
+        out = KG.crop_and_resize(_bchw(x, self), corners, self.size, self.mode, align_corners=True)
         return _like(out, x)
 
 
@@ -413,28 +376,21 @@ class RandomRotation(BatchTransform):
         torch.Size([2, 3, 8, 8])
     """
 
-    def __init__(
-        self, degrees: float | tuple[float, float], p: float = 1.0, mode: str = "bilinear"
-    ) -> None:
+    def __init__(self, degrees: float | Pair, p: float = 1.0, mode: str = "bilinear") -> None:
         super().__init__()
         self.degrees = _range("degrees", degrees, centre=0.0)
         self.p = check_probability("p", p)
         self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        b = shape[0]
-        return {
-            "angle": _uniform((b,), *self.degrees, generator, device),
-            "apply": _rand((b,), generator, device) < self.p,
-        }
+        angle = _rand(shape[:1], generator, device, *self.degrees)
+        return {"angle": angle, "apply": _rand(shape[:1], generator, device) < self.p}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         import kornia.geometry.transform as KG
 
-        _check_float(x, type(self).__name__)
-        angle = params["angle"].to(x.dtype)
-        rotated = _like(KG.rotate(_bchw(x), angle, mode=self.mode), x)
-        return torch.where(_per_sample(params["apply"], x), rotated, x)
+        rotated = KG.rotate(_bchw(x, self), params["angle"].to(x.dtype), mode=self.mode)
+        return torch.where(_per_sample(params["apply"], x), _like(rotated, x), x)
 
 
 class ColorJitter(BatchTransform):
@@ -472,21 +428,20 @@ class ColorJitter(BatchTransform):
         p: float = 1.0,
     ) -> None:
         super().__init__()
-        self.brightness = _factor_range("brightness", brightness)
-        self.contrast = _factor_range("contrast", contrast)
-        self.saturation = _factor_range("saturation", saturation)
+        for name, value in zip(self._FACTORS, (brightness, contrast, saturation)):
+            low, high = _range(name, value, centre=1.0)
+            setattr(self, name, (max(low, 0.0), high))
         self.hue = _range("hue", hue, -0.5, 0.5, centre=0.0)
         self.p = check_probability("p", p)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        b = shape[0]
-        params = {k: _uniform((b,), *getattr(self, k), generator, device) for k in self._FACTORS}
-        return {**params, "apply": _rand((b,), generator, device) < self.p}
+        params = {k: _rand(shape[:1], generator, device, *getattr(self, k)) for k in self._FACTORS}
+        return {**params, "apply": _rand(shape[:1], generator, device) < self.p}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         import kornia.enhance as KE
 
-        _check_float(x, type(self).__name__)
+        _check_float(x, self)
         if x.ndim < 3 or x.shape[-3] != 3:
             raise ValueError(f"ColorJitter expects RGB images (B, 3, H, W), got {tuple(x.shape)}")
         ops = (
@@ -499,8 +454,7 @@ class ColorJitter(BatchTransform):
         for name, op, identity in zip(self._FACTORS, ops, (1.0, 1.0, 1.0, 0.0)):
             if getattr(self, name) != (identity, identity):
                 out = op(out, params[name].to(x.dtype))
-        out = out.clamp(0.0, 1.0)
-        return torch.where(_per_sample(params["apply"], x), out, x)
+        return torch.where(_per_sample(params["apply"], x), out.clamp(0.0, 1.0), x)
 
 
 class RandomErasing(BatchTransform):
@@ -541,29 +495,19 @@ class RandomErasing(BatchTransform):
         self.value = check_range("value", value)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        height, width = _image_shape(shape, type(self).__name__)
-        b, (r0, r1) = shape[0], self.ratio  # our ratio is h / w: log(w / h) ~ U(-log r1, -log r0)
-        w, h, found = _box_candidates(
-            (b, height, width), self.scale, (1 / r1, 1 / r0), generator, device, strict=True
-        )
-        u = _rand((b, 3), generator, device)
-        y0 = torch.floor(u[:, 0] * (height - h + 1))
-        x0 = torch.floor(u[:, 1] * (width - w + 1))
-        return {"box": torch.stack([x0, y0, w, h], dim=1), "apply": found & (u[:, 2] < self.p)}
+        _hw(shape, self)
+        r0, r1 = self.ratio  # our ratio is h / w: log(w / h) ~ U(-log r1, -log r0)
+        box, found = _boxes(shape, self.scale, (1 / r1, 1 / r0), generator, device, strict=True)
+        return {"box": box, "apply": found & (_rand(shape[:1], generator, device) < self.p)}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         x0, y0, w, h = params["box"].unbind(1)
-        rows = torch.arange(x.shape[-2], device=x.device, dtype=x0.dtype)
-        cols = torch.arange(x.shape[-1], device=x.device, dtype=x0.dtype)
-        in_rows = (rows >= y0[:, None]) & (rows < (y0 + h)[:, None])
-        in_cols = (cols >= x0[:, None]) & (cols < (x0 + w)[:, None])
-        mask = in_rows[:, :, None] & in_cols[:, None, :] & params["apply"][:, None, None]
-        return x.masked_fill(
-            mask.view(x.shape[0], *([1] * (x.ndim - 3)), *mask.shape[-2:]), self.value
-        )
+        rows, cols = _band(x.shape[-2], y0, h), _band(x.shape[-1], x0, w)
+        mask = rows[:, None, :, None] & cols[:, None, None, :] & params["apply"].view(-1, 1, 1, 1)
+        return x.reshape(len(x), -1, *x.shape[-2:]).masked_fill(mask, self.value).view_as(x)
 
 
-class RandomAffineCrop(BatchTransform):
+class RandomAffineCrop(RandomResizedCrop):
     """Fused flip + random resized crop + rotation: one affine matrix per sample, one warp.
 
     Each of these transforms is an affine map of the sampling grid, so their composition is
@@ -602,27 +546,17 @@ class RandomAffineCrop(BatchTransform):
         padding_mode: str = "zeros",
         mode: str = "bilinear",
     ) -> None:
-        super().__init__()
-        self.size = _size_pair(size)
-        self.scale = _range("scale", scale, 0.0, 1.0, low_inclusive=False)
-        self.ratio = _range("ratio", ratio, 0.0, math.inf, low_inclusive=False)
+        super().__init__(size, scale, ratio, mode)
         self.hflip = check_probability("hflip", hflip)
         self.degrees = _range("degrees", degrees, centre=0.0)
-        self.padding_mode = check_choice(
-            "padding_mode", padding_mode, ("zeros", "border", "reflection")
-        )
-        self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
-
-    def output_shape(self, shape: Shape) -> Shape:
-        return (*shape[:-2], *self.size)
+        modes = ("zeros", "border", "reflection")
+        self.padding_mode = check_choice("padding_mode", padding_mode, modes)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        h, w = _image_shape(shape, type(self).__name__)
-        b = shape[0]
-        box = sample_crop_boxes(b, h, w, self.scale, self.ratio, generator=generator, device=device)
-        u = _rand((b, 2), generator, device)
+        params = super().sample_params(shape, device=device, generator=generator)
+        u = _rand((shape[0], 2), generator, device)
         low, high = self.degrees
-        return {"box": box, "flip": u[:, 0] < self.hflip, "angle": u[:, 1] * (high - low) + low}
+        return {**params, "flip": u[:, 0] < self.hflip, "angle": u[:, 1] * (high - low) + low}
 
     @staticmethod
     def matrix(params: Params, height: int, width: int) -> torch.Tensor:
@@ -636,26 +570,17 @@ class RandomAffineCrop(BatchTransform):
         x0, y0, bw, bh = params["box"].float().unbind(1)
         theta = torch.deg2rad(params["angle"].float())
         cos, sin = torch.cos(theta), torch.sin(theta)
-        sx = torch.where(params["flip"], -0.5 * bw, 0.5 * bw)
-        sy = 0.5 * bh
+        sx, sy = torch.where(params["flip"], -0.5 * bw, 0.5 * bw), 0.5 * bh
         # R(θ) in y-down pixel coordinates; positive θ turns the content counter-clockwise.
-        a = torch.stack(
-            [
-                torch.stack([cos * sx, -sin * sy, (2 * x0 + bw - width) / 2], dim=1) * (2 / width),
-                torch.stack([sin * sx, cos * sy, (2 * y0 + bh - height) / 2], dim=1) * (2 / height),
-            ],
-            dim=1,
-        )
-        return a
+        row_x = torch.stack([cos * sx, -sin * sy, (2 * x0 + bw - width) / 2], dim=1) * (2 / width)
+        row_y = torch.stack([sin * sx, cos * sy, (2 * y0 + bh - height) / 2], dim=1) * (2 / height)
+        return torch.stack([row_x, row_y], dim=1)
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        _check_float(x, type(self).__name__)
-        height, width = _image_shape(tuple(x.shape), type(self).__name__)
-        theta = self.matrix(params, height, width).to(x.dtype)
+        img = _bchw(x, self)
+        theta = self.matrix(params, *img.shape[-2:]).to(x.dtype)
         grid = F.affine_grid(theta, [x.shape[0], 1, *self.size], align_corners=False)
-        out = F.grid_sample(
-            _bchw(x), grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=False
-        )
+        out = F.grid_sample(img, grid, self.mode, self.padding_mode, align_corners=False)
         return _like(out, x)
 
 
@@ -677,11 +602,7 @@ class GaussianNoise(BatchTransform):
     """
 
     def __init__(
-        self,
-        std: float | tuple[float, float] = 0.1,
-        mean: float = 0.0,
-        p: float = 1.0,
-        clip: tuple[float, float] | None = None,
+        self, std: float | Pair = 0.1, mean: float = 0.0, p: float = 1.0, clip: Pair | None = None
     ) -> None:
         super().__init__()
         self.std = _range("std", std, 0.0)
@@ -690,22 +611,18 @@ class GaussianNoise(BatchTransform):
         self.clip = None if clip is None else _range("clip", clip)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        b = shape[0]
-        std = _uniform((b,), *self.std, generator, device)
+        std = _rand(shape[:1], generator, device, *self.std)
         if self.p < 1.0:
-            std = torch.where(_rand((b,), generator, device) < self.p, std, 0.0)
-        noise = torch.randn(tuple(shape), generator=generator, device=device)
-        return {"std": std, "noise": noise}
+            std = torch.where(_rand(shape[:1], generator, device) < self.p, std, 0.0)
+        return {"std": std, "noise": torch.randn(shape, generator=generator, device=device)}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        _check_float(x, type(self).__name__)
+        _check_float(x, self)
         noise = params["noise"].to(x.dtype)
         out = torch.addcmul(x, noise, _per_sample(params["std"].to(x.dtype), noise))
         if self.mean != 0.0:
             out = out + torch.where(_per_sample(params["std"], x) > 0, self.mean, 0.0).to(x.dtype)
-        if self.clip is not None:
-            out = out.clamp(*self.clip)
-        return out
+        return out if self.clip is None else out.clamp(*self.clip)
 
 
 class TokenMasking(BatchTransform):
@@ -752,11 +669,8 @@ class TokenMasking(BatchTransform):
         self.mask_token_id = check_int("mask_token_id", mask_token_id)
         self.mask_fraction = check_probability("mask_fraction", mask_fraction)
         self.random_fraction = check_probability("random_fraction", random_fraction)
-        if self.mask_fraction + self.random_fraction > 1.0 + 1e-12:
-            raise ValueError(
-                "`mask_fraction + random_fraction` must be in [0, 1], got "
-                f"{self.mask_fraction + self.random_fraction!r}"
-            )
+        total = self.mask_fraction + self.random_fraction
+        check_range("mask_fraction + random_fraction", total, 0.0, 1.0 + 1e-12)
         self.vocab_size = None if vocab_size is None else check_int("vocab_size", vocab_size, 1)
         if self.random_fraction > 0 and self.vocab_size is None:
             raise ValueError("`vocab_size` is required when `random_fraction` > 0, got None")
@@ -765,35 +679,28 @@ class TokenMasking(BatchTransform):
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         select = _rand(shape, generator, device) < self.p
         kind = _rand(shape, generator, device)
-        params: Params = {
-            "mask": select & (kind < self.mask_fraction),
-            "random": select
-            & (kind >= self.mask_fraction)
-            & (kind < self.mask_fraction + self.random_fraction),
-        }
-        if self.random_fraction > 0:
-            params["tokens"] = torch.randint(
-                0, self.vocab_size, tuple(shape), generator=generator, device=device
-            )
-        return params
+        mask = select & (kind < self.mask_fraction)
+        random = select & ~mask & (kind < self.mask_fraction + self.random_fraction)
+        if self.random_fraction == 0:
+            return {"mask": mask, "random": random}
+        tokens = torch.randint(self.vocab_size, shape, generator=generator, device=device)
+        return {"mask": mask, "random": random, "tokens": tokens}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"TokenMasking expects integer token ids, got {x.dtype}")
-        mask, rand = params["mask"], params["random"]
-        if self.protected_ids:
-            keep = torch.isin(x, torch.tensor(self.protected_ids, device=x.device, dtype=x.dtype))
-            mask, rand = mask & ~keep, rand & ~keep
-        out = x.masked_fill(mask, self.mask_token_id)
+        out = x.masked_fill(params["mask"], self.mask_token_id)
         if "tokens" in params:
-            out = torch.where(rand, params["tokens"].to(x.dtype), out)
+            out = torch.where(params["random"], params["tokens"].to(x.dtype), out)
+        if self.protected_ids:  # protected tokens keep their id
+            out = torch.where(torch.isin(x, x.new_tensor(self.protected_ids)), x, out)
         return out
 
 
 class _AxisMasking(BatchTransform):
-    """SpecAugment masking of ``num_masks`` bands along one axis of ``(B, ..., F, T)``."""
+    """SpecAugment masking of ``num_masks`` bands along ``axis`` (-1, -2) of ``(B, ..., F, T)``."""
 
-    axis = -1
+    axis: int
 
     def __init__(self, max_width: int, num_masks: int = 1, value: float = 0.0, p: float = 1.0):
         super().__init__()
@@ -803,25 +710,17 @@ class _AxisMasking(BatchTransform):
         self.p = check_probability("p", p)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        if len(shape) < 3:
-            raise ValueError(
-                f"{type(self).__name__} expects spectrograms (B, ..., freq, time), got {shape}"
-            )
-        size = int(shape[self.axis])
-        b = shape[0]
-        u = _rand((b, self.num_masks, 2), generator, device)
+        size = _hw(shape, self, "spectrograms (B, ..., freq, time)")[self.axis]
+        u = _rand((shape[0], self.num_masks, 2), generator, device)
         width = torch.floor(u[..., 0] * (min(self.max_width, size) + 1))
         start = torch.floor(u[..., 1] * (size - width + 1))
-        width = torch.where(_rand((b, 1), generator, device) < self.p, width, 0.0)
+        width = torch.where(_rand((shape[0], 1), generator, device) < self.p, width, 0.0)
         return {"start": start, "width": width}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        size = x.shape[self.axis]
-        pos = torch.arange(size, device=x.device, dtype=params["start"].dtype)
-        start, width = params["start"].unsqueeze(-1), params["width"].unsqueeze(-1)
-        band = ((pos >= start) & (pos < start + width)).any(dim=1)  # (B, size)
+        band = _band(x.shape[self.axis], params["start"], params["width"]).any(dim=1)  # (B, size)
         view = [x.shape[0]] + [1] * (x.ndim - 1)
-        view[self.axis] = size
+        view[self.axis] = -1
         return x.masked_fill(band.view(view), self.value)
 
 
@@ -874,19 +773,6 @@ class FrequencyMasking(_AxisMasking):
     axis = -2
 
 
-def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
-        size = (size, size)
-    if not isinstance(size, Sequence) or len(size) != 2:
-        raise ValueError(f"`size` must be an int or a (height, width) pair, got {size!r}")
-    return (check_int("size[0]", size[0], 1), check_int("size[1]", size[1], 1))
-
-
-def _factor_range(name: str, value: float | Sequence[float]) -> tuple[float, float]:
-    low, high = _range(name, value, centre=1.0)
-    return (max(low, 0.0), high)
-
-
 # --------------------------------------------------------------------------------------------
 # Lightning
 # --------------------------------------------------------------------------------------------
@@ -936,7 +822,7 @@ class DataAugmentationCallback(Callback):
 
     def __init__(
         self,
-        transform: BatchTransform | Callable[[torch.Tensor], torch.Tensor],
+        transform: BatchTransform | TensorFn,
         *,
         p: float = 1.0,
         input_key: BatchKey = 0,
@@ -956,9 +842,8 @@ class DataAugmentationCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            input_key=self.input.key, transform=type(self.transform).__name__
-        )
+        key = {"input_key": self.input.key, "transform": type(self.transform).__name__}
+        return self._generate_state_key(**key)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -971,22 +856,20 @@ class DataAugmentationCallback(Callback):
         params: Params = {}
         with torch.no_grad(), seeded_global_rng(step_seed, x.device):
             if self.p < 1.0:
-                params["selected"] = _rand((x.shape[0],), generator, x.device) < self.p
+                params["selected"] = _rand(x.shape[:1], generator, x.device) < self.p
             if isinstance(self.transform, BatchTransform):
                 out, params["transform"] = self.transform.draw_and_apply(x, generator)
             else:
                 out = self.transform(x)
             if not isinstance(out, torch.Tensor):
                 raise RuntimeError(
-                    f"The transform returned {type(out).__name__}, not a tensor. Wrap it so that "
-                    "it maps a batch tensor to a batch tensor."
+                    f"The transform returned {type(out).__name__}, not a tensor; it must return one"
                 )
             if self.p < 1.0:
                 if out.shape != x.shape:
                     raise RuntimeError(
-                        f"With p={self.p} < 1 the transform must keep the input shape, but it "
-                        f"maps {tuple(x.shape)} to {tuple(out.shape)}. Use p=1.0 or a "
-                        "shape-preserving transform."
+                        f"With p={self.p} < 1 the transform must keep the input shape, but it maps "
+                        f"{tuple(x.shape)} to {tuple(out.shape)}: use p=1.0 or keep the shape"
                     )
                 out = torch.where(_per_sample(params["selected"], x), out.to(x.dtype), x)
         self.last_params = params
@@ -996,8 +879,7 @@ class DataAugmentationCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        x = self.input.get(batch)
-        self.input.set(batch, self.augment(x))
+        self.input.set(batch, self.augment(self.input.get(batch)))
         if self.p < 1.0 and is_logging_step(trainer):
             fraction = self.last_params["selected"].float().mean()  # type: ignore[index]
             log_scalars(pl_module, {"reg/augmentation/applied_fraction": fraction})

@@ -25,12 +25,8 @@ from lightning_reg.core.validation import check_int
 __all__ = ["BatchNormAfter", "BatchNormFreezeCallback", "add_batch_norm", "remove_batch_norm"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_BN_FOR: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Linear: nn.BatchNorm1d,
-    nn.Conv1d: nn.BatchNorm1d,
-    nn.Conv2d: nn.BatchNorm2d,
-    nn.Conv3d: nn.BatchNorm3d,
-}
+_FOLLOWED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_FOR = dict(zip(_FOLLOWED, (nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)))
 
 
 class BatchNormAfter(TransparentWrapper):
@@ -58,20 +54,15 @@ class BatchNormAfter(TransparentWrapper):
         super().__init__(module)
         bn_type = next((b for t, b in _BN_FOR.items() if isinstance(module, t)), None)
         if bn_type is None:
-            raise TypeError(
-                f"BatchNormAfter supports {[t.__name__ for t in _BN_FOR]}, got "
-                f"{type(module).__name__}"
-            )
+            raise TypeError(f"BatchNormAfter supports Linear/ConvNd, not {type(module).__name__}")
         layer: Any = module
         features = layer.out_features if isinstance(module, nn.Linear) else layer.out_channels
-        weight = next(module.parameters(), None)
-        factory = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         self.bn = bn_type(features, momentum=momentum, **factory)
-        self.flatten = isinstance(module, nn.Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.module(x)
-        if self.flatten and y.ndim != 2:
+        if isinstance(self.module, nn.Linear) and y.ndim != 2:  # BatchNorm1d over the last dim
             return self.bn(y.reshape(-1, y.shape[-1])).reshape(y.shape)
         return self.bn(y)
 
@@ -108,13 +99,12 @@ def add_batch_norm(
         ['0']
     """
     types = (after,) if isinstance(after, type) else tuple(after)
-    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, tuple(_BN_FOR)))]
+    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, _FOLLOWED))]
     if bad or not types:
         raise TypeError(f"`after` must be Linear/Conv1d/Conv2d/Conv3d types, got {after!r}")
     if any(isinstance(m, BatchNormAfter) for m in model.modules()):
         raise RuntimeError(
-            "The model already has BatchNorm inserted by add_batch_norm; call "
-            "remove_batch_norm(model) first, or do not apply it twice."
+            "The model already has BatchNorm inserted by add_batch_norm (undo: remove_batch_norm)."
         )
     existing = [n for n, m in model.named_modules() if isinstance(m, _BATCH_NORMS)]
     if existing and not allow_existing:
@@ -124,11 +114,8 @@ def add_batch_norm(
         )
     targets = [n for n, m in model.named_modules() if n and isinstance(m, types)]
     skip = targets[-1] if skip_last and targets else None
-
-    def wrap(module: nn.Module, path: str) -> nn.Module | None:
-        return None if path == skip else BatchNormAfter(module, momentum)
-
-    changes = replace_modules(model, {t: wrap for t in types})
+    policy = dict.fromkeys(types, lambda m, p: None if p == skip else BatchNormAfter(m, momentum))
+    changes = replace_modules(model, policy)
     if not changes:
         raise RuntimeError(
             f"add_batch_norm found no {[t.__name__ for t in types]} to follow with BatchNorm"
@@ -173,7 +160,6 @@ class BatchNormFreezeCallback(pl.Callback):
     def __init__(self, epoch: int) -> None:
         super().__init__()
         self.epoch = check_int("epoch", epoch, minimum=0)
-        self._layers: list[nn.Module] = []
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -181,16 +167,12 @@ class BatchNormFreezeCallback(pl.Callback):
             raise RuntimeError("BatchNormFreezeCallback found no BatchNorm layer in the model.")
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = [m for m in pl_module.modules() if isinstance(m, _BATCH_NORMS)]
-
-    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         frozen = trainer.current_epoch >= self.epoch
-        if frozen:
-            for module in self._layers:
+        for module in pl_module.modules() if frozen else ():  # as found now (after any surgery)
+            if isinstance(module, _BATCH_NORMS):
                 module.training = False
         if is_logging_step(trainer):
             log_scalars(pl_module, {"reg/batch_norm/frozen": float(frozen)})

@@ -32,14 +32,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_reg.core.compat import DropoutBase
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.schedules import ConstantSchedule, Schedule, as_schedule
+from lightning_reg.core.schedules import Schedule, as_schedule
 from lightning_reg.core.surgery import (
     ModuleChange,
     TransparentWrapper,
@@ -48,13 +47,7 @@ from lightning_reg.core.surgery import (
     restore_modules,
     training_flags_restored,
 )
-from lightning_reg.core.validation import (
-    check_choice,
-    check_finite,
-    check_int,
-    check_positive,
-    check_probability,
-)
+from lightning_reg.core.validation import check_choice, check_int, check_positive, check_probability
 
 __all__ = [
     "DEFAULT_ACTIVATIONS",
@@ -95,13 +88,10 @@ _DROPOUT_KINDS: dict[str, type[nn.Module]] = {
     "alpha": nn.AlphaDropout,
 }
 
-#: Every torch dropout module (Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout).
-DROPOUT_TYPES: tuple[type[nn.Module], ...] = (DropoutBase,)
 
-
-def _check_p(name: str, p: Any) -> float:
-    """A dropout (drop) probability in [0, 1): p = 1 would zero everything and divide by 0."""
-    return check_probability(name, p, allow_one=False)
+def _check_p(p: Any) -> float:
+    """A drop probability in [0, 1): p = 1 would zero everything and divide by 0."""
+    return check_probability("p", p, allow_one=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +104,7 @@ class _DropoutWrapper(TransparentWrapper):
 
     def __init__(self, module: nn.Module, p: float, kind: str = "dropout") -> None:
         super().__init__(module)
-        p = _check_p("p", p)
-        self.dropout = _DROPOUT_KINDS[check_choice("kind", kind, _DROPOUT_KINDS)](p)
+        self.dropout = _DROPOUT_KINDS[check_choice("kind", kind, _DROPOUT_KINDS)](_check_p(p))
         self.training = self.dropout.training = module.training
 
 
@@ -167,23 +156,6 @@ class DropoutBefore(_DropoutWrapper):
         return self.module(self.dropout(x), *args, **kwargs)
 
 
-def _as_type_tuple(name: str, types: Any) -> tuple[type[nn.Module], ...]:
-    if isinstance(types, type):
-        types = (types,)
-    types = tuple(types)
-    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-        raise TypeError(f"`{name}` must be a non-empty tuple of nn.Module types, got {types!r}")
-    return types
-
-
-def _activation_types(model: nn.Module) -> tuple[type[nn.Module], ...]:
-    """:data:`DEFAULT_ACTIVATIONS` plus the activation classes of timm and Hugging Face in
-    ``model`` (the classes those libraries define in their ``activations`` modules, such as
-    ``transformers.activations.GELUActivation``)."""
-    found = {type(m) for m in model.modules() if type(m).__module__.endswith(".activations")}
-    return (*DEFAULT_ACTIVATIONS, *sorted(found - set(DEFAULT_ACTIVATIONS), key=str))
-
-
 def add_dropout(
     model: nn.Module,
     p: float,
@@ -217,27 +189,30 @@ def add_dropout(
         >>> [c.path for c in add_dropout(m, 0.1)]
         ['1']
     """
-    types = _activation_types(model) if after is None else _as_type_tuple("after", after)
-    return _insert(model, p, kind, types, DropoutAfter, "after")
+    if after is None:  # timm's and Hugging Face's classes live in their `activations` modules
+        found = {type(m) for m in model.modules() if type(m).__module__.endswith(".activations")}
+        after = (*DEFAULT_ACTIVATIONS, *sorted(found - set(DEFAULT_ACTIVATIONS), key=str))
+    return _insert(model, p, kind, after, DropoutAfter, "after")
 
 
 def _insert(
     model: nn.Module,
     p: float,
     kind: str,
-    types: tuple[type[nn.Module], ...],
+    types: tuple[type[nn.Module], ...] | type[nn.Module],
     cls: type[_DropoutWrapper],
     arg: str,
 ) -> list[ModuleChange]:
-    p = _check_p("p", p)
+    p = _check_p(p)
     check_choice("kind", kind, _DROPOUT_KINDS)
+    types = (types,) if isinstance(types, type) else tuple(types)
+    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise TypeError(f"`{arg}` must be a non-empty tuple of nn.Module types, got {types!r}")
     # torch's attention and transformer layers read their children's weights directly (fused
     # fast path) instead of calling them: a wrapper there would break them, so skip those.
     fused = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
     unused = {id(c) for m in model.modules() if isinstance(m, fused) for c in m.children()}
-    policy = {
-        t: (lambda mod, path: None if id(mod) in unused else cls(mod, p, kind)) for t in types
-    }
+    policy = dict.fromkeys(types, lambda mod, _: None if id(mod) in unused else cls(mod, p, kind))
     changes = replace_modules(model, policy, refuse_if_contains=(cls,))
     if not changes:
         found = sorted({type(m).__name__ for m in model.modules()})
@@ -279,8 +254,7 @@ def add_input_dropout(
         >>> len(add_input_dropout(m, 0.2))
         2
     """
-    types = _as_type_tuple("layer_types", layer_types)
-    return _insert(model, p, kind, types, DropoutBefore, "layer_types")
+    return _insert(model, p, kind, layer_types, DropoutBefore, "layer_types")
 
 
 def remove_dropout(model: nn.Module) -> list[ModuleChange]:
@@ -291,9 +265,7 @@ def remove_dropout(model: nn.Module) -> list[ModuleChange]:
     Returns:
         The list of changes (empty if there was nothing to remove).
     """
-    changes = restore_modules(model, DropoutAfter)
-    changes += restore_modules(model, DropoutBefore)
-    return changes
+    return restore_modules(model, _DropoutWrapper)
 
 
 def dropout_modules(
@@ -306,7 +278,7 @@ def dropout_modules(
         apply_to: optional ``fnmatch`` globs on the module path; a module is kept if it matches
             at least one.
     """
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, DROPOUT_TYPES)]
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, DropoutBase)]
     if apply_to is not None:
         found = [(n, m) for n, m in found if any(fnmatch.fnmatchcase(n, g) for g in apply_to)]
     return found
@@ -320,7 +292,7 @@ def set_dropout_rate(modules: Sequence[nn.Module] | nn.Module, p: float) -> int:
     Raises:
         ValueError: if ``p`` is outside [0, 1) or NaN.
     """
-    p = _check_p("p", p)
+    p = _check_p(p)
     if isinstance(modules, nn.Module):
         modules = [m for _, m in dropout_modules(modules)]
     for module in modules:
@@ -360,16 +332,14 @@ class EarlyDropoutSchedule(Schedule):
 
     def __init__(self, p: float, until: int, unit: str = "epoch", ramp: str = "constant") -> None:
         super().__init__(unit)
-        self.p = _check_p("p", p)
+        self.p = _check_p(p)
         self.until = check_int("until", until, minimum=1)
         self.ramp = check_choice("ramp", ramp, ("constant", "linear"))
 
     def at(self, t: int) -> float:
         if t >= self.until:
             return 0.0
-        if self.ramp == "linear":
-            return self.p * (1.0 - max(t, 0) / self.until)
-        return self.p
+        return self.p * (1.0 - max(t, 0) / self.until) if self.ramp == "linear" else self.p
 
 
 class CurriculumDropoutSchedule(Schedule):
@@ -397,7 +367,7 @@ class CurriculumDropoutSchedule(Schedule):
 
     def __init__(self, p: float, gamma: float, unit: str = "step") -> None:
         super().__init__(unit)
-        self.p = _check_p("p", p)
+        self.p = _check_p(p)
         self.gamma = check_positive("gamma", gamma)
 
     def at(self, t: int) -> float:
@@ -442,9 +412,9 @@ def _samples_dropout(module: nn.Module) -> bool:
     apply theirs functionally, only in training mode; ``nn.TransformerEncoderLayer`` takes a
     fused path without dropout in eval), or a module with a ``*dropout*`` rate ``> 0`` (torch's
     ``MultiheadAttention.dropout``, Hugging Face's ``attention_dropout``)."""
-    if isinstance(module, DROPOUT_TYPES):
+    if isinstance(module, DropoutBase):
         return module.p > 0
-    return any(isinstance(c, DROPOUT_TYPES) and c.p > 0 for c in module.children()) or any(
+    return any(isinstance(c, DropoutBase) and c.p > 0 for c in module.children()) or any(
         "dropout" in k and isinstance(v, float) and v > 0 for k, v in vars(module).items()
     )
 
@@ -473,20 +443,14 @@ def mc_dropout_mode(model: nn.Module) -> Iterator[list[nn.Module]]:
     if not sampling:
         idle = [n for n, _ in dropout_modules(model)]
         raise RuntimeError(
-            "MC dropout needs dropout with p > 0, but the model has none"
-            f"{f' (p = 0 in {idle[:3]})' if idle else ''}. Insert some with "
-            "`lightning_reg.add_dropout(model, p)` or raise the dropout rate."
+            f"MC dropout needs dropout with p > 0, but the model has none (p = 0 in {idle[:3]}). "
+            "Insert some with `lightning_reg.add_dropout(model, p)` or raise the dropout rate."
         )
-    with training_flags_restored(model) as modules:
-        for module in modules:
-            module.training = False
+    with training_flags_restored(model):
+        model.eval()
         for module in sampling:
             module.training = True
         yield sampling
-
-
-def _entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -torch.special.xlogy(probs, probs).sum(-1)
 
 
 def mc_dropout_predict(
@@ -548,42 +512,29 @@ def mc_dropout_predict(
     classifier = classifier or output == "probs"
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
         raise RuntimeError(f"mc_dropout_predict needs a batched input tensor, got {type(x)}")
-    batch = x.shape[0]
     if chunk_size is None:
-        per_sample = max(x.numel(), 1)
-        chunk_size = max(1, min(n_samples, max_batch_elements // per_sample))
+        chunk_size = max(1, min(n_samples, max_batch_elements // max(x.numel(), 1)))
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
-
     pieces: list[torch.Tensor] = []
     with torch.no_grad(), mc_dropout_mode(model):
-        done = 0
-        while done < n_samples:
+        for done in range(0, n_samples, chunk_size):
             k = min(chunk_size, n_samples - done)
-            xr = x.unsqueeze(0).expand(k, *x.shape).reshape(k * batch, *x.shape[1:])
-            out = model(xr)
-            if not isinstance(out, torch.Tensor):
+            out = model(x.expand(k, *x.shape).flatten(0, 1))
+            if not isinstance(out, torch.Tensor) or out.shape[:1] != (k * len(x),):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise RuntimeError(
-                    f"mc_dropout_predict needs the model to return a tensor, got "
-                    f"{type(out).__name__}. Wrap the model so it returns the tensor to average."
+                    f"mc_dropout_predict needs the model to return a tensor, batch dimension "
+                    f"first, one row per input row; {k * len(x)} rows gave {got}. Wrap the model "
+                    "so it returns the tensor to average."
                 )
-            if out.shape[0] != k * batch:
-                raise RuntimeError(
-                    f"The model returned {out.shape[0]} rows for {k * batch} input rows; MC "
-                    "dropout needs the batch dimension first and one output row per input row."
-                )
-            out = out.reshape(k, batch, *out.shape[1:])
-            dtype = torch.promote_types(out.dtype, torch.float32)
-            out = out.to(dtype)
-            if classifier and output == "logits":
-                out = F.softmax(out, dim=-1)
-            pieces.append(out)
-            done += k
-    samples = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+            out = out.unflatten(0, (k, len(x))).to(torch.promote_types(out.dtype, torch.float32))
+            pieces.append(out.softmax(-1) if classifier and output == "logits" else out)
+    samples = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     std, mean = torch.std_mean(samples, dim=0, correction=1)
     entropy = mutual_info = None
-    if classifier:
-        entropy = _entropy(mean)
-        mutual_info = entropy - _entropy(samples).mean(0)
+    if classifier:  # predictive entropy H[mean], and H[mean] - mean_s H[p_s]
+        entropy = -torch.special.xlogy(mean, mean).sum(-1)
+        mutual_info = entropy + torch.special.xlogy(samples, samples).sum(-1).mean(0)
     return MCDropoutResult(mean, std, entropy, mutual_info, samples if return_samples else None)
 
 
@@ -629,29 +580,23 @@ class MCDropoutMixin:
     mc_n_samples: int = 30
 
     def mc_predict(
-        self,
-        x: torch.Tensor,
-        n_samples: int | None = None,
-        *,
-        chunk_size: int | None = None,
-        max_batch_elements: int = 2**24,
-        classifier: bool | None = None,
-        output: str = "logits",
-        return_samples: bool = False,
+        self, x: torch.Tensor, n_samples: int | None = None, **kwargs: Any
     ) -> MCDropoutResult:
-        """MC-dropout prediction through ``self(x)``; see :func:`mc_dropout_predict`."""
+        """MC-dropout prediction through ``self(x)``: :func:`mc_dropout_predict` on ``self``.
+
+        Args:
+            x: input batch ``(B, ...)``.
+            n_samples: number of samples; ``None``: ``mc_n_samples``.
+            **kwargs: the keyword arguments of :func:`mc_dropout_predict` (``chunk_size``,
+                ``max_batch_elements``, ``classifier``, ``output``, ``return_samples``);
+                ``classifier=None`` or absent: ``mc_classifier``.
+        """
         if not isinstance(self, nn.Module):
             raise RuntimeError("MCDropoutMixin must be mixed into an nn.Module/LightningModule")
-        return mc_dropout_predict(
-            self,
-            x,
-            self.mc_n_samples if n_samples is None else n_samples,
-            chunk_size=chunk_size,
-            max_batch_elements=max_batch_elements,
-            classifier=self.mc_classifier if classifier is None else classifier,
-            output=output,
-            return_samples=return_samples,
-        )
+        if kwargs.get("classifier") is None:
+            kwargs["classifier"] = self.mc_classifier
+        n_samples = self.mc_n_samples if n_samples is None else n_samples
+        return mc_dropout_predict(self, x, n_samples, **kwargs)
 
 
 class DropoutCallback(pl.Callback):
@@ -713,40 +658,21 @@ class DropoutCallback(pl.Callback):
                 "DropoutCallback needs exactly one of `p` (a constant rate in [0, 1)) or "
                 f"`schedule` (a Schedule); got p={p!r}, schedule={schedule!r}"
             )
-        if p is not None:
-            schedule = ConstantSchedule(_check_p("p", p))
-        self.schedule = as_schedule(schedule, "schedule")
-        if isinstance(self.schedule, ConstantSchedule):
-            _check_p("p", self.schedule.value_)
-        if apply_to is not None:
-            if isinstance(apply_to, str):
-                apply_to = [apply_to]
-            if not all(isinstance(g, str) for g in apply_to):
-                raise TypeError(f"`apply_to` must be a list of str globs, got {apply_to!r}")
-            apply_to = list(apply_to)
-        self.apply_to = apply_to
+        self.schedule = as_schedule(_check_p(p) if schedule is None else schedule, "schedule")
+        if isinstance(apply_to, str):
+            apply_to = [apply_to]
+        self.apply_to = None if apply_to is None else list(apply_to)
         self.insert = bool(insert)
-        self._p: float | None = None  # the rate last set, to skip unchanged updates
         self._dropouts: list[nn.Module] = []
 
     def _rate(self, trainer: pl.Trainer) -> float:
         value = self.schedule.value(epoch=trainer.current_epoch, step=trainer.global_step)
-        value = check_finite("schedule value", value)
-        if not 0.0 <= value < 1.0:
+        if not 0.0 <= value < 1.0:  # NaN fails too
             raise RuntimeError(
-                f"The dropout schedule {self.schedule!r} gave p={value} at epoch "
-                f"{trainer.current_epoch}, step {trainer.global_step}; a drop probability must "
-                "be in [0, 1). Fix the schedule's values."
+                f"Fix the dropout schedule {self.schedule!r}: it gave p={value} at epoch "
+                f"{trainer.current_epoch}, step {trainer.global_step}; p must be in [0, 1)."
             )
         return value
-
-    def _set_rate(self, trainer: pl.Trainer) -> float:
-        p = self._rate(trainer)
-        if p != self._p:
-            for module in self._dropouts:
-                module.p = p
-            self._p = p
-        return p
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -758,19 +684,18 @@ class DropoutCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._dropouts = [m for _, m in dropout_modules(pl_module, self.apply_to)]
         if not self._dropouts:
-            where = f" matching apply_to={self.apply_to}" if self.apply_to is not None else ""
             raise RuntimeError(
-                f"DropoutCallback found no nn.Dropout* module{where} in the model. Insert "
-                "dropout with `lightning_reg.add_dropout(model, p)` or use "
+                f"DropoutCallback found no nn.Dropout* module (apply_to={self.apply_to}) in the "
+                "model. Insert dropout with `lightning_reg.add_dropout(model, p)` or use "
                 "`DropoutCallback(..., insert=True)`, or fix `apply_to`."
             )
-        self._p = None
-        self._set_rate(trainer)
+        set_dropout_rate(self._dropouts, self._rate(trainer))
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        p = self._set_rate(trainer)
+        p = self._rate(trainer)
+        set_dropout_rate(self._dropouts, p)
         if is_logging_step(trainer):
             log_scalars(pl_module, {"reg/dropout/p": p})

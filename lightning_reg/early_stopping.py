@@ -23,7 +23,7 @@ import math
 import warnings
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -87,12 +87,10 @@ def training_progress(strip: Sequence[float]) -> float:
         >>> training_progress([1.0, 1.0])
         0.0
     """
-    if len(strip) == 0:
-        raise ValueError("`strip` must hold at least one training error, got an empty strip")
-    if not (min(strip) > 0 and all(math.isfinite(v) for v in strip)):
+    if not strip or not (min(strip) > 0 and all(math.isfinite(v) for v in strip)):
         raise ValueError(
-            "Prechelt's training progress needs positive, finite training errors; "
-            f"got the strip {list(strip)!r}"
+            "Prechelt's training progress needs a non-empty strip of positive, finite training "
+            f"errors; got the strip {list(strip)!r}"
         )
     return 1000.0 * (sum(strip) / (len(strip) * min(strip)) - 1.0)
 
@@ -117,12 +115,16 @@ def _layout(state: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.shape, v.dtype) if isinstance(v, Tensor) else None for k, v in state.items()}
 
 
+def _finite_or_none(name: str, value: Any) -> float | None:
+    return None if value is None else validation.check_finite(name, value)
+
+
 @dataclass
 class BestWeights:
     """A CPU copy of a module's state dict, refreshed in place by :meth:`save`.
 
     Each save copies every tensor once into preallocated CPU buffers (page-locked when the source
-    is on a GPU, so the copy is asynchronous); it allocates nothing on the device. The buffers are
+    is on a GPU, for a fast direct copy); it allocates nothing on the device. The buffers are
     reused while names, shapes and dtypes match.
 
     Attributes:
@@ -142,12 +144,10 @@ class BestWeights:
 
     state: dict[str, Any] | None = None
     saves: int = 0
-    _pending: Any = field(default=None, repr=False, compare=False)
 
     def save(self, module: torch.nn.Module) -> None:
         """Copy ``module.state_dict()`` (parameters, buffers, extra state) into the buffers."""
-        self.wait()
-        source = module.state_dict()
+        source = module.state_dict()  # detached tensors: the copies below record no graph
         if self.state is None or _layout(self.state) != _layout(source):
             self.state = {
                 k: torch.empty(v.shape, dtype=v.dtype, pin_memory=v.is_cuda)
@@ -155,26 +155,12 @@ class BestWeights:
                 else None
                 for k, v in source.items()
             }
-        assert self.state is not None
-        on_cuda = False
-        with torch.no_grad():
-            for k, v in source.items():
-                if isinstance(v, Tensor):
-                    self.state[k].copy_(v.detach(), non_blocking=v.is_cuda)
-                    on_cuda = on_cuda or v.is_cuda
-                else:
-                    self.state[k] = copy.deepcopy(v)
-        if on_cuda:  # the device-to-host copies may still be running: remember where they end
-            self._pending = torch.cuda.Event()
-            self._pending.record()
+        for k, v in source.items():
+            if isinstance(v, Tensor):
+                self.state[k].copy_(v)
+            else:
+                self.state[k] = copy.deepcopy(v)
         self.saves += 1
-
-    def wait(self) -> dict[str, Any] | None:
-        """Wait for copies in flight and return :attr:`state`."""
-        if self._pending is not None:
-            self._pending.synchronize()
-            self._pending = None
-        return self.state
 
     def restore(self, module: torch.nn.Module) -> None:
         """Load the saved state into ``module``.
@@ -184,7 +170,7 @@ class BestWeights:
                 saved names, shapes and dtypes (it was changed after the save); nothing is
                 loaded then.
         """
-        state = self.wait()
+        state = self.state
         if state is None:
             raise RuntimeError("BestWeights.restore: nothing was saved yet; call `save` first")
         now, saved = _layout(module.state_dict()), _layout(state)
@@ -303,25 +289,14 @@ class EarlyStoppingCallback(EarlyStopping):
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}")
-        if mode not in tuple(self.mode_dict):
+        if mode not in self.mode_dict:
             raise ModeError(f"`mode` can be {', '.join(self.mode_dict)}, got {mode}")
         if isinstance(criterion, str) and criterion in _DEPRECATED_CRITERIA:
             new = _DEPRECATED_CRITERIA[criterion]
-            warnings.warn(
-                f"criterion={criterion!r} is deprecated; use criterion={new!r}",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+            msg = f"criterion={criterion!r} is deprecated; use criterion={new!r}"
+            warnings.warn(msg, DeprecationWarning, stacklevel=2)
             criterion = new
         validation.check_choice("criterion", criterion, CRITERIA)
-        stopping_threshold, divergence_threshold, baseline = (
-            None if value is None else validation.check_finite(name, value)
-            for name, value in (
-                ("stopping_threshold", stopping_threshold),
-                ("divergence_threshold", divergence_threshold),
-                ("baseline", baseline),
-            )
-        )
         if criterion != "patience" and (mode != "min" or (criterion == "pq" and not train_monitor)):
             raise ValueError(
                 f"criterion={criterion!r} needs mode='min' (Prechelt's rules need an error metric "
@@ -337,14 +312,14 @@ class EarlyStoppingCallback(EarlyStopping):
             mode=mode,
             strict=strict,
             check_finite=check_finite,
-            stopping_threshold=stopping_threshold,
-            divergence_threshold=divergence_threshold,
+            stopping_threshold=_finite_or_none("stopping_threshold", stopping_threshold),
+            divergence_threshold=_finite_or_none("divergence_threshold", divergence_threshold),
             check_on_train_epoch_end=check_on_train_epoch_end,
             log_rank_zero_only=log_rank_zero_only,
         )
         self.restore_best_weights = bool(restore_best_weights)
         self.start_from_epoch = validation.check_int("start_from_epoch", start_from_epoch, 0)
-        self.baseline = baseline
+        self.baseline = _finite_or_none("baseline", baseline)
         self.criterion = criterion
         self.gl_alpha = validation.check_positive("gl_alpha", gl_alpha)
         self.pq_alpha = validation.check_positive("pq_alpha", pq_alpha)
@@ -354,9 +329,7 @@ class EarlyStoppingCallback(EarlyStopping):
         self.best_weights = BestWeights()
         self._train_strip: deque[float] = deque(maxlen=self.strip_length)
         self._num_checks = 0
-        self._epoch = 0
-        self._train_error: float | None = None
-        self._improved = False
+        self._trainer: pl.Trainer | None = None  # set while a check runs
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -377,7 +350,7 @@ class EarlyStoppingCallback(EarlyStopping):
             "best_epoch": self.best_epoch,
             "num_checks": self._num_checks,
             "train_strip": list(self._train_strip),
-            "best_weights": self.best_weights.wait(),
+            "best_weights": self.best_weights.state,
         }
 
     @override
@@ -386,107 +359,94 @@ class EarlyStoppingCallback(EarlyStopping):
         self.best_epoch = int(state_dict.get("best_epoch", -1))
         self._num_checks = int(state_dict.get("num_checks", 0))
         self._train_strip = deque(state_dict.get("train_strip", ()), maxlen=self.strip_length)
-        weights = state_dict.get("best_weights")
-        if weights is not None:
-            weights = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in weights.items()}
-        self.best_weights = BestWeights(weights)
+        self.best_weights = BestWeights(state_dict.get("best_weights"))  # saved from CPU buffers
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.restore_best_weights:
-            return
-        if self.best_weights.state is None:
+        if self.restore_best_weights and self.best_weights.state is None:
             rank_zero_warn(
                 f"EarlyStoppingCallback: `{self.monitor}` never produced a best value (no check "
                 "counted, or every value was non-finite), so the final weights were kept."
             )
-            return
-        self.best_weights.restore(pl_module)
-        self._log_info(
-            trainer,
-            f"Restored the weights of epoch {self.best_epoch}, where {self.monitor} = "
-            f"{float(self.best_score):.3f}.",
-            True,
-        )
+        elif self.restore_best_weights:
+            self.best_weights.restore(pl_module)
+            self._log_info(
+                trainer,
+                f"Restored the weights of epoch {self.best_epoch}, where {self.monitor} = "
+                f"{float(self.best_score):.3f}.",
+                True,
+            )
 
     @override
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
-        logs = trainer.callback_metrics
-        if trainer.fast_dev_run or not self._validate_condition_metric(logs):
-            return
-        train = None
-        if self.criterion == "pq":
-            if self.train_monitor not in logs:
-                msg = (
-                    f"Early stopping criterion 'pq' needs the training metric "
-                    f"`{self.train_monitor}`, which is not available. Log it with "
-                    f"`self.log(..., on_epoch=True)` or use any of: `{'`, `'.join(logs)}`"
-                )
-                if self.strict:
-                    raise RuntimeError(msg)
-                if self.verbose:
-                    rank_zero_warn(msg, category=RuntimeWarning)
-                return
-            train = logs[self.train_monitor].detach().cpu()
-        current = logs[self.monitor].squeeze()
-        if trainer.world_size > 1:  # decide on rank zero's values, so every rank keeps the same
-            bad = trainer.strategy.reduce_boolean_decision(
-                bool(self.check_finite and not torch.isfinite(current)), all=False
-            )
-            current, train = trainer.strategy.broadcast((current.detach().cpu(), train), src=0)
-            current = torch.full_like(current, math.nan) if bad else current
-        self._epoch = trainer.current_epoch
-        self._train_error = None if train is None else float(train)
-        self._improved = False
+        self._trainer = trainer  # Lightning's flow, with the Trainer at hand for our criteria
+        try:
+            super()._run_early_stopping_check(trainer)
+        finally:
+            self._trainer = None
 
-        should_stop, reason = self._evaluate_stopping_criteria(current)
-        if self._improved:
-            self.best_epoch = trainer.current_epoch
-            if self.restore_best_weights and trainer.lightning_module is not None:
-                self.best_weights.save(trainer.lightning_module)
-
-        # the rest is Lightning's: stop every process if any decides to stop
-        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
-        trainer.should_stop = trainer.should_stop or should_stop
-        if should_stop:
-            self.stopped_epoch = trainer.current_epoch
-            self.stopping_reason_message = reason
-        if reason and self.verbose:
-            self._log_info(trainer, reason, self.log_rank_zero_only)
-        if self._epoch >= self.start_from_epoch:
-            self._log_state(trainer)
+    @override
+    def _validate_condition_metric(self, logs: dict[str, Tensor]) -> bool:
+        valid = super()._validate_condition_metric(logs)
+        if not valid or self.criterion != "pq" or self.train_monitor in logs:
+            return valid
+        msg = (
+            f"Early stopping criterion 'pq' needs the training metric `{self.train_monitor}`, "
+            "which is not available. Log it with `self.log(..., on_epoch=True)` or use any of: "
+            f"`{'`, `'.join(logs)}`"
+        )
+        if self.strict:
+            raise RuntimeError(msg)
+        if self.verbose:
+            rank_zero_warn(msg, category=RuntimeWarning)
+        return False
 
     @override
     def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
+        trainer, train = self._trainer, None  # no Trainer when called directly: a counted check
+        if trainer is not None and self.criterion == "pq":
+            train = float(trainer.callback_metrics[self.train_monitor])
+        if trainer is not None and trainer.world_size > 1:  # every rank decides on rank 0's values
+            bad = bool(self.check_finite and not torch.isfinite(current))
+            current, train = trainer.strategy.broadcast((current.detach().cpu(), train), src=0)
+            if trainer.strategy.reduce_boolean_decision(bad, all=False):  # any rank's NaN stops
+                current = torch.full_like(current, math.nan)
+        counted = trainer is None or trainer.current_epoch >= self.start_from_epoch
         finite = bool(torch.isfinite(current))
-        if self._epoch < self.start_from_epoch and (finite or not self.check_finite):
+        if not (counted or (self.check_finite and not finite)):
             return False, None
         wait = self.wait_count
-        best = self.best_score.to(current.device)
-        self._improved = bool(self.monitor_op(current - self.min_delta, best))
+        improved = (finite or not self.check_finite) and bool(
+            self.monitor_op(current - self.min_delta, self.best_score.to(current.device))
+        )
         should_stop, reason = super()._evaluate_stopping_criteria(current)
-        if self._improved:
+        if improved:
             self.best_score = current  # also when a threshold stopped first (Lightning skips it)
             if self.baseline is not None and not self.monitor_op(
-                current - self.min_delta, torch.tensor(self.baseline, dtype=current.dtype)
+                current - self.min_delta, self.baseline
             ):
                 self.wait_count = wait + 1  # an improvement that misses the baseline is no reset
         self._num_checks += 1
-        if self._train_error is not None:
-            self._train_strip.append(self._train_error)
+        if train is not None:
+            self._train_strip.append(train)
         if self.criterion != "patience" and not should_stop and finite:
-            return self._prechelt(current, reason)
+            should_stop, reason = self._prechelt(current, reason)
+        if trainer is not None and improved:
+            self.best_epoch = trainer.current_epoch
+            if self.restore_best_weights and trainer.lightning_module is not None:
+                self.best_weights.save(trainer.lightning_module)
+        if trainer is not None and counted:
+            self._log_state(trainer)
         return should_stop, reason
 
     def _prechelt(self, current: Tensor, reason: str | None) -> tuple[bool, str | None]:
         """The ``GL_α`` or ``PQ_α`` rule on an already counted, finite check."""
         try:
             gl = generalization_loss(float(current), float(self.best_score))
-            if self.criterion == "gl":
-                value, alpha, name = gl, self.gl_alpha, "generalization loss GL"
-            elif self._num_checks % self.strip_length:
+            value, alpha, name = gl, self.gl_alpha, "generalization loss GL"
+            if self.criterion == "pq" and self._num_checks % self.strip_length:
                 return False, reason  # PQ is evaluated at the end of a strip only
-            else:
+            if self.criterion == "pq":
                 progress = training_progress(self._train_strip)
                 value, alpha = progress_quotient(gl, progress), self.pq_alpha
                 name = f"progress quotient GL/P_{self.strip_length} = {gl:.3f}/{progress:.3f}"
@@ -505,8 +465,6 @@ class EarlyStoppingCallback(EarlyStopping):
         )
 
     def _log_state(self, trainer: pl.Trainer) -> None:
-        if trainer.lightning_module is None or not trainer.loggers:
-            return
         metrics = {
             "reg/early_stopping/wait": float(self.wait_count),
             "reg/early_stopping/best_score": float(self.best_score),

@@ -15,12 +15,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_reg.core.batch import BatchKey, BatchSlot
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.schedules import Schedule
+from lightning_reg.core.schedules import Schedule, as_schedule
 from lightning_reg.core.surgery import training_flags_restored
 from lightning_reg.core.targets import check_labels, to_soft_targets
 from lightning_reg.core.validation import check_int, check_probability
@@ -48,12 +47,10 @@ def smooth_labels(targets: torch.Tensor, alpha: float, num_classes: int) -> torc
     Reference:
         Szegedy et al., "Rethinking the Inception Architecture for Computer Vision", CVPR 2016.
     """
-    a = check_probability("alpha", alpha)
-    soft = to_soft_targets(targets, num_classes)
-    return soft * (1.0 - a) + a / num_classes
+    return to_soft_targets(targets, num_classes, smoothing=check_probability("alpha", alpha))
 
 
-class LabelSmoothingCallback(Callback):
+class LabelSmoothingCallback(pl.Callback):
     """Replace the training targets by ``(1 − α)·onehot(y) + α/K`` (any loss on soft targets).
 
     The targets are rewritten in ``on_train_batch_start``; validation, test and predict batches
@@ -65,7 +62,8 @@ class LabelSmoothingCallback(Callback):
     batch, from soft targets already in the batch (their dim 1), else from one forward pass of
     the model on that batch's inputs (under ``torch.no_grad()`` with every module temporarily in
     eval mode, so BatchNorm statistics and dropout RNG are untouched): ``K`` is dim 1 of the
-    output. If that fails, a ``RuntimeError`` asks for ``num_classes``.
+    output. If that fails, a ``RuntimeError`` asks for ``num_classes``. The attribute
+    ``num_classes`` then holds the inferred ``K``, which is saved in checkpoints.
 
     **With MixUp/CutMix** use the mixing callback's ``label_smoothing=`` argument: one callback
     then owns the targets. Stacking this callback with a mixing callback raises at setup.
@@ -76,6 +74,7 @@ class LabelSmoothingCallback(Callback):
         target_key: list index or dict key of the targets in the batch.
         input_key: list index or dict key of the inputs (only to infer ``K``).
         schedule: optional schedule of ``α`` over epochs or steps; values must be in [0, 1].
+            Without one, ``self.schedule`` is the constant ``alpha``, as in ``DropoutCallback``.
         target_getter: optional ``getter(batch) -> Tensor`` for the targets.
         target_setter: optional ``setter(batch, value)`` for the targets.
 
@@ -107,14 +106,11 @@ class LabelSmoothingCallback(Callback):
         super().__init__()
         self.alpha = check_probability("alpha", alpha)
         self.num_classes = None if num_classes is None else check_int("num_classes", num_classes, 1)
-        if schedule is not None and not isinstance(schedule, Schedule):
-            raise TypeError(f"`schedule` must be a Schedule or None, got {schedule!r}")
-        self.schedule = schedule
+        self.schedule = as_schedule(self.alpha if schedule is None else schedule, "schedule")
         self.target = BatchSlot(
             target_key, getter=target_getter, setter=target_setter, role="target"
         )
         self.input = BatchSlot(input_key, role="input")
-        self._k: int | None = self.num_classes
         self._checked = False
 
     @property
@@ -125,68 +121,53 @@ class LabelSmoothingCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Duck typing (technique modules are leaves): mixing callbacks set `mixes_targets`.
-        mixer = next((cb for cb in trainer.callbacks if getattr(cb, "mixes_targets", False)), None)
-        if mixer is not None:
-            name = type(mixer).__name__
-            raise RuntimeError(
-                f"LabelSmoothingCallback and {name} both rewrite the training targets. Remove "
-                f"LabelSmoothingCallback and pass `label_smoothing={self.alpha}` to {name} "
-                "instead (as timm's Mixup does)."
-            )
+        for mixer in trainer.callbacks:
+            if getattr(mixer, "mixes_targets", False):
+                raise RuntimeError(
+                    f"LabelSmoothingCallback and {type(mixer).__name__} both rewrite the targets. "
+                    f"Remove LabelSmoothingCallback and pass `label_smoothing={self.alpha}` to "
+                    f"{type(mixer).__name__} instead (as timm's Mixup does)."
+                )
         self._checked = False
 
     def current_alpha(self, trainer: pl.Trainer) -> float:
         """``α`` for the current epoch and step."""
-        if self.schedule is None:
-            return self.alpha
         value = self.schedule.value(epoch=trainer.current_epoch, step=trainer.global_step)
         if not 0.0 <= value <= 1.0:  # NaN fails too
             raise RuntimeError(
-                f"The label-smoothing schedule gave alpha={value!r} at epoch "
-                f"{trainer.current_epoch}, step {trainer.global_step}; alpha must be in [0, 1]. "
-                "Fix the schedule's start/end values."
+                f"Fix the label-smoothing schedule: it gave alpha={value!r} at epoch "
+                f"{trainer.current_epoch}, step {trainer.global_step}; alpha must be in [0, 1]."
             )
         return value
 
     def smooth(self, targets: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
         """Smooth ``targets`` with ``alpha`` (default: the constant ``α``) and the known ``K``."""
-        if self._k is None:
-            raise RuntimeError("LabelSmoothingCallback has no num_classes yet")
+        if self.num_classes is None:
+            raise RuntimeError("LabelSmoothingCallback has no num_classes yet: pass it.")
         try:
             if not self._checked:  # once: on an accelerator this reads back to the host
-                check_labels(targets, self._k)
+                check_labels(targets, self.num_classes)
                 self._checked = True
-            return smooth_labels(targets, self.alpha if alpha is None else alpha, self._k)
+            return smooth_labels(targets, self.alpha if alpha is None else alpha, self.num_classes)
         except ValueError as err:
             raise RuntimeError(f"LabelSmoothingCallback: {err}") from err
 
     def _infer_num_classes(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, y: torch.Tensor
     ) -> int:
+        """``K`` from soft targets, else from dim 1 of one eval-mode forward (state untouched)."""
         if y.is_floating_point() and y.ndim >= 2:
             return int(y.shape[1])
-        help_ = "Pass `num_classes=` to LabelSmoothingCallback."
-        try:
-            x = self.input.get(batch)
-        except RuntimeError as err:
-            raise RuntimeError(f"Cannot infer the number of classes: {err} {help_}") from err
         try:
             with training_flags_restored(pl_module), torch.no_grad():
                 pl_module.eval()
                 with trainer.precision_plugin.forward_context():
-                    out = pl_module(x)
-        except Exception as err:
+                    return int(pl_module(self.input.get(batch)).shape[1])
+        except Exception as err:  # no input, a failing forward, or no (B, K, ...) tensor out
             raise RuntimeError(
-                f"Cannot infer the number of classes: running the model on the first training "
-                f"batch failed ({type(err).__name__}: {err}). {help_}"
+                "Cannot infer the number of classes from dim 1 of the model's output on the first "
+                f"training batch ({type(err).__name__}: {err}). Pass `num_classes=` instead."
             ) from err
-        if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != x.shape[0]:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise RuntimeError(
-                f"Cannot infer the number of classes from the model output {shape}: expected "
-                f"logits of shape (B, K, ...). {help_}"
-            )
-        return int(out.shape[1])
 
     @override
     def on_train_batch_start(
@@ -194,17 +175,16 @@ class LabelSmoothingCallback(Callback):
     ) -> None:
         alpha = self.current_alpha(trainer)
         y = self.target.get(batch)
-        if self._k is None:
-            self._k = self._infer_num_classes(trainer, pl_module, batch, y)
+        if self.num_classes is None:
+            self.num_classes = self._infer_num_classes(trainer, pl_module, batch, y)
         self.target.set(batch, self.smooth(y, alpha))
         if is_logging_step(trainer):
             log_scalars(pl_module, {"reg/label_smoothing/alpha": alpha})
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"num_classes": self._k}
+        return {"num_classes": self.num_classes}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.num_classes is None:
-            self._k = state_dict.get("num_classes")
+        self.num_classes = self.num_classes or state_dict.get("num_classes")

@@ -6,17 +6,20 @@ a filter), so the unit's incoming weights are the rest of the tensor: dim 1 for 
 1.. for ``Conv``; ``ConvTranspose`` weights are ``(in, out, ...)``, so their unit is dim 1.
 ``dim=None`` treats the whole tensor as one vector.
 
-Projection is batched: small tensors are bucketed by (device, dtype, unit length) so that each
-bucket's unit norms come from one kernel (accumulated in float32 or wider), and each bucket's
-scale factors are applied with one foreach multiply. Units already inside the ball are
-multiplied by exactly 1.0, so they stay unchanged bit for bit. A unit whose norm is NaN or
-infinite is left alone: a constraint never turns a non-finite weight into a number.
+Projection is batched per (device, dtype): each tensor's unit norms (accumulated in float32 or
+wider) land in one flat buffer, the scale factors come from one kernel over it, and one foreach
+multiply applies them. The plan (buffers and their per-tensor views) is built once: by the
+callback per param group, and by the functions for the last tensors they were given. Units
+already inside the ball are multiplied by exactly 1.0, so they stay unchanged bit for bit. A
+unit whose norm is NaN or infinite is left alone: a constraint never turns a non-finite weight
+into a number.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,21 +34,11 @@ from lightning_reg.core.params import ParamSelection, SelectedParam
 from lightning_reg.core.strategies import refuse_strategies
 from lightning_reg.core.validation import check_choice, check_positive
 
-__all__ = [
-    "MaxNormCallback",
-    "WeightConstraintCallback",
-    "max_norm_",
-    "non_neg_",
-    "unit_norm_",
-]
+__all__ = ["MaxNormCallback", "WeightConstraintCallback", "max_norm_", "non_neg_", "unit_norm_"]
 
 Dim = str | int | tuple[int, ...] | None
 Params = torch.Tensor | nn.Module | Iterable[torch.Tensor]
-#: The tensors of one (device, dtype), as segments of equal unit length that share one norm
-#: kernel: (tensor, permutation putting the unit dims first or None, shape of its scales).
-Bucket = list[list[tuple[torch.Tensor, tuple[int, ...] | None, list[int]]]]
 _CONSTRAINTS = ("max_norm", "unit_norm", "non_neg")
-_CAT_NUMEL = 1 << 14  # smaller tensors share one norm kernel (through a copy), larger get their own
 
 
 def _check_dim(dim: Any) -> Dim:
@@ -55,63 +48,68 @@ def _check_dim(dim: Any) -> Dim:
     raise ValueError(f"`dim` must be 'unit', None, an int or a tuple of ints, got {dim!r}")
 
 
-def _plan(selected: Iterable[SelectedParam], dim: Dim) -> list[Bucket]:
-    """Bucket tensors by (device, dtype); small ones of equal unit length share a segment."""
-    buckets: dict[tuple, dict[tuple, list]] = {}
+class _Bucket:
+    """Tensors of one (device, dtype), the dims each reduces over, and two flat buffers (unit norms
+    in float32 or wider, scales in the tensors' dtype) whose slices view each tensor's units.
+
+    It holds weak references, so a cached plan keeps no tensor alive.
+    """
+
+    def __init__(self, items: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
+        self.refs = [weakref.ref(t) for t, _ in items]
+        self.dims = [dims for _, dims in items]
+        shapes = [[1 if d in dims else n for d, n in enumerate(t.shape)] for t, dims in items]
+        kept = [[n for d, n in enumerate(t.shape) if d not in dims] for t, dims in items]
+        sizes = [math.prod(shape) for shape in shapes]
+        t = items[0][0]
+        acc = torch.promote_types(t.dtype, torch.float32)
+        self.norms = torch.empty(sum(sizes), device=t.device, dtype=acc)
+        self.scales = torch.empty(sum(sizes), device=t.device, dtype=t.dtype)
+        self.norm_views = [v.view(k) for v, k in zip(self.norms.split(sizes), kept)]
+        self.scale_views = [v.view(s) for v, s in zip(self.scales.split(sizes), shapes)]
+
+    @torch.no_grad()
+    def rescale_(self, radius: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale each unit whose finite norm exceeds ``radius`` onto it (``None``: each finite
+        non-zero unit to norm 1), in place; return ``(norms, scales)``."""
+        tensors = [ref() for ref in self.refs]
+        for t, dims, out in zip(tensors, self.dims, self.norm_views):
+            src = t if dims else t.unsqueeze(-1)  # no dims: each element is its own unit
+            torch.linalg.vector_norm(src, dim=dims or -1, dtype=out.dtype, out=out)
+        norms = self.norms
+        outside = torch.isfinite(norms) & (norms > (radius or 0.0))
+        scales = torch.where(outside, (radius or 1.0) / norms, 1.0)
+        self.scales.copy_(scales)
+        foreach_mul_(tensors, self.scale_views)
+        return norms, scales
+
+
+def _plan(selected: Iterable[SelectedParam], dim: Dim) -> list[_Bucket]:
+    """Bucket the non-empty tensors by (device, dtype), each with the dims it reduces over."""
+    buckets: dict[tuple, list] = {}
     for s in selected:
-        t, numel = s.param, s.param.numel()
-        if numel == 0:
-            continue
-        if dim == "unit" and s.unit_dim == 0 and t.ndim:  # the common case, without permutes
-            order, shape = None, [t.shape[0]] + [1] * (t.ndim - 1)
+        t = s.param
+        if dim is None or dim == "unit":
+            dims = tuple(d for d in range(t.ndim) if dim is None or d != s.unit_dim)
         else:
-            if dim is None or dim == "unit":
-                reduce = tuple(d for d in range(t.ndim) if dim is None or d != s.unit_dim)
-            else:
-                dims = (dim,) if isinstance(dim, int) else dim
-                reduce = tuple(sorted({d % t.ndim for d in dims}))
-            order = tuple(d for d in range(t.ndim) if d not in reduce) + reduce
-            order = None if order == tuple(range(t.ndim)) else order
-            shape = [1 if d in reduce else n for d, n in enumerate(t.shape)]
-        key = (numel // math.prod(shape), numel > _CAT_NUMEL and id(t))
-        buckets.setdefault((t.device, t.dtype), {}).setdefault(key, []).append((t, order, shape))
-    return [list(segments.values()) for segments in buckets.values()]
+            dims = tuple(sorted({d % t.ndim for d in ((dim,) if isinstance(dim, int) else dim)}))
+        if t.numel():
+            buckets.setdefault((t.device, t.dtype), []).append((t, dims))
+    return [_Bucket(items) for items in buckets.values()]
 
 
-@torch.no_grad()
-def _rescale_(
-    plan: list[Bucket], scale_fn: Callable[[torch.Tensor], torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Multiply every unit by ``scale_fn(its norm)`` in place; return ``(norms, scales)``."""
-    out = []
-    for bucket in plan:
-        items = [item for segment in bucket for item in segment]
-        dtype = items[0][0].dtype
-        acc = torch.promote_types(dtype, torch.float32)
-        norms, counts = [], []
-        for segment in bucket:
-            length = segment[0][0].numel() // math.prod(segment[0][2])
-            units = [(t if o is None else t.permute(o)).reshape(-1, length) for t, o, _ in segment]
-            rows = units[0] if len(units) == 1 else torch.cat(units)
-            norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=acc))
-            counts.extend(u.shape[0] for u in units)
-        flat = norms[0] if len(norms) == 1 else torch.cat(norms)
-        scale = scale_fn(flat)
-        pieces = scale.to(dtype).split(counts)
-        foreach_mul_([t for t, _, _ in items], [p.view(sh) for p, (_, _, sh) in zip(pieces, items)])
-        out.append((flat, scale))
-    return out
+_PLANS: dict[tuple, list[_Bucket]] = {}
 
 
-def _shrink_to(radius: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    def shrink(norms: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.isfinite(norms) & (norms > radius), radius / norms, 1.0)
-
-    return shrink
-
-
-def _to_unit(norms: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(norms) & (norms > 0), 1.0 / norms, 1.0)
+def _cached_plan(params: Params, dim: Dim) -> list[_Bucket]:
+    """The last call's plan, reused while it gets the same live tensors (shape, dtype, device)."""
+    selected = resolve_params(params)
+    key = (dim, *[(id(t), t.shape, t.dtype, t.device, u) for _, t, u in selected])
+    plan = _PLANS.get(key)
+    if plan is None or any(ref() is None for bucket in plan for ref in bucket.refs):
+        _PLANS.clear()
+        plan = _PLANS[key] = _plan(selected, dim)
+    return plan
 
 
 def _stats(done: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -162,8 +160,8 @@ def max_norm_(
         Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from Overfitting",
         JMLR 2014, section 5.1.
     """
-    shrink = _shrink_to(check_positive("max_norm", max_norm))
-    done = _rescale_(_plan(resolve_params(params), _check_dim(dim)), shrink)
+    radius = check_positive("max_norm", max_norm)
+    done = [bucket.rescale_(radius) for bucket in _cached_plan(params, _check_dim(dim))]
     return _stats(done) if return_stats else None
 
 
@@ -181,7 +179,8 @@ def unit_norm_(params: Params, *, dim: Dim = "unit") -> None:
         >>> w = torch.tensor([[3.0, 4.0]]); unit_norm_(w); w
         tensor([[0.6000, 0.8000]])
     """
-    _rescale_(_plan(resolve_params(params), _check_dim(dim)), _to_unit)
+    for bucket in _cached_plan(params, _check_dim(dim)):
+        bucket.rescale_(None)
 
 
 @torch.no_grad()
@@ -239,7 +238,7 @@ class WeightConstraintCallback(ParamCallback):
         self.dim = _check_dim(dim)
         super().__init__(params, after_step=True)
         self._want_stats = False
-        self._stats: list[dict[str, torch.Tensor]] = []
+        self._done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (norms, scales) to log
 
     @property
     def state_key(self) -> str:
@@ -258,25 +257,25 @@ class WeightConstraintCallback(ParamCallback):
 
     @override
     def prepare(self, selected: list[SelectedParam]) -> Any:
-        if self.constraint == "non_neg":
-            return [s.param for s in selected]
-        return _plan(selected, self.dim)
+        return (
+            super().prepare(selected) if self.constraint == "non_neg" else _plan(selected, self.dim)
+        )
 
     @override
     def after_step(self, groups: list[Group]) -> None:
         if self.constraint == "non_neg":
             non_neg_([t for _, tensors in groups for t in tensors])
             return
-        fn = _shrink_to(self.max_norm) if self.constraint == "max_norm" else _to_unit
-        done = [d for _, plan in groups for d in _rescale_(plan, fn)]
-        if self._want_stats and self.constraint == "max_norm":
-            self._stats.append(_stats(done))
+        radius = self.max_norm if self.constraint == "max_norm" else None
+        done = [bucket.rescale_(radius) for _, plan in groups for bucket in plan]
+        if self._want_stats and self.constraint == "max_norm":  # the buffers are reused: copy
+            self._done += [(norms.clone(), scales) for norms, scales in done]
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._want_stats = is_logging_step(trainer)
+        self._want_stats, self._done = is_logging_step(trainer), []
 
     @override
     def on_train_batch_end(
@@ -287,19 +286,16 @@ class WeightConstraintCallback(ParamCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not self._stats:
-            return
-        stats, self._stats = self._stats, []
-        units = max(sum(float(s["units"]) for s in stats), 1.0)
-        projected = torch.stack([s["projected"].float() for s in stats]).sum()
-        largest = torch.stack([s["max_unit_norm"] for s in stats]).amax()
-        log_scalars(pl_module, {"reg/max_norm/projected_fraction": projected / units})
-        log_scalars(pl_module, {"reg/max_norm/max_unit_norm": largest})
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._stats = []
+        if self._done:
+            stats = _stats(self._done)
+            log_scalars(
+                pl_module,
+                {
+                    "reg/max_norm/projected_fraction": stats["projected"] / stats["units"],
+                    "reg/max_norm/max_unit_norm": stats["max_unit_norm"],
+                },
+            )
+            self._done = []
 
 
 class MaxNormCallback(WeightConstraintCallback):

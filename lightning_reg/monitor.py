@@ -192,76 +192,65 @@ class RegularizationMonitorCallback(ParamCallback):
         self._last_step = trainer.global_step
         self.log_step_metrics(trainer)
 
-    def _weights(self) -> tuple[list[str], list[torch.Tensor]]:
-        selected = self.selected(self._module) if self._module is not None else []
-        return [layer_key(s.name) for s in selected], [s.param.detach() for s in selected]
-
     @torch.no_grad()
+    def _step_values(self) -> tuple[list[str], torch.Tensor | None]:
+        """The keys and one vector of the step diagnostics (norms, total norm, sparsity)."""
+        selected = self.selected(self._module) if self._module is not None else []
+        if not selected:
+            return [], None
+        params = [s.param for s in selected]
+        # Norms accumulate in float32 (an fp16 norm overflows at 65504), float64 stays float64.
+        wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        norms = foreach_norm(params, 2, dtype=wide)
+        # Exact int64 counts; torch's foreach norm has no fused kernel for ord 0 anyway.
+        nonzero = torch.stack([torch.count_nonzero(p) for p in params]).sum()
+        numel = sum(p.numel() for p in params)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        keys = [f"{PREFIX}/norm/{layer_key(s.name)}" for s in selected]
+        keys += [f"{PREFIX}/norm/total", f"{PREFIX}/sparsity"]
+        return keys, torch.stack([*norms, total, 1.0 - nonzero / numel])
+
     def compute_step_metrics(self) -> dict[str, torch.Tensor]:
         """Norms and sparsity of the selected weights, as 0-d tensors on their device."""
-        names, params = self._weights()
-        if not params:
-            return {}
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(params):
-            groups.setdefault((p.device, p.dtype), []).append(i)
-        norms: list[torch.Tensor] = [params[0]] * len(params)
-        nonzero: list[torch.Tensor] = []
-        for index in groups.values():
-            tensors = [params[i] for i in index]
-            acc = torch.promote_types(tensors[0].dtype, torch.float32)
-            for i, n in zip(index, foreach_norm(tensors, 2, dtype=acc)):
-                norms[i] = n
-            nonzero.extend(foreach_norm(tensors, 0, dtype=acc))
-        wide = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-        stacked = torch.stack([n.to(wide) for n in norms])
-        out = {f"{PREFIX}/norm/{name}": value for name, value in zip(names, stacked.unbind())}
-        out[f"{PREFIX}/norm/total"] = stacked.square().sum().sqrt()
-        numel = sum(p.numel() for p in params)
-        out[f"{PREFIX}/sparsity"] = 1.0 - torch.stack([c.to(wide) for c in nonzero]).sum() / numel
-        return out
+        keys, values = self._step_values()
+        return {} if values is None else dict(zip(keys, values.unbind()))
 
     @torch.no_grad()
     def _histograms(self) -> dict[str, Any]:
         import wandb
 
-        names, params = self._weights()
-        flat = [p.float().flatten() for p in params]
-        finite = [torch.isfinite(v) for v in flat]  # NaN/inf are left out of the histograms
-        lo = torch.stack([v.masked_fill(~f, math.inf).amin() for v, f in zip(flat, finite)])
-        hi = torch.stack([v.masked_fill(~f, -math.inf).amax() for v, f in zip(flat, finite)])
-        lo_list, hi_list = lo.tolist(), hi.tolist()
+        selected = self.selected(self._module) if self._module is not None else []
+        flat = [s.param.float().flatten() for s in selected]
+        # NaN/inf are left out: the range is that of the finite entries, and histc drops the rest.
+        lo = torch.stack([v.masked_fill(~v.isfinite(), math.inf).amin() for v in flat]).tolist()
+        hi = torch.stack([v.masked_fill(~v.isfinite(), -math.inf).amax() for v in flat]).tolist()
         out = {}
-        for name, v, a, b in zip(names, flat, lo_list, hi_list):
-            if not math.isfinite(a):
-                continue  # no finite entry at all
-            b = b if b > a else a + 1.0
-            counts = torch.histc(v, bins=self.histogram_bins, min=a, max=b).tolist()
-            edges = [a + (b - a) * k / self.histogram_bins for k in range(self.histogram_bins + 1)]
-            out[f"{PREFIX}/hist/{name}"] = wandb.Histogram(np_histogram=(counts, edges))
+        for s, v, a, b in zip(selected, flat, lo, hi):
+            if math.isfinite(a):  # else no finite entry at all
+                b = b if b > a else a + 1.0
+                counts = torch.histc(v, bins=self.histogram_bins, min=a, max=b).tolist()
+                edges = torch.linspace(a, b, self.histogram_bins + 1, dtype=torch.float64)
+                hist = wandb.Histogram(np_histogram=(counts, edges.tolist()))
+                out[f"{PREFIX}/hist/{layer_key(s.name)}"] = hist
         return out
 
     def log_step_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """Compute the step diagnostics now and write them to every logger of ``trainer``."""
-        tensors = self.compute_step_metrics()
-        if not tensors:
+        keys, values = self._step_values()
+        if values is None:
             return {}
-        # One device-to-host copy for all scalars.
-        values = torch.stack([v.reshape(()).double() for v in tensors.values()]).tolist()
-        metrics = dict(zip(tensors.keys(), values))
+        metrics = dict(zip(keys, values.tolist()))  # one device-to-host copy
         nonfinite = 0
-        if not math.isfinite(metrics[f"{PREFIX}/norm/total"]):
-            nonfinite = sum(int((~torch.isfinite(p)).sum()) for p in self._weights()[1])
+        if not math.isfinite(metrics[f"{PREFIX}/norm/total"]):  # rare: count them on the host
+            params = [s.param for s in self.selected(self._module)]  # type: ignore[arg-type]
+            nonfinite = sum(int(p.numel() - torch.isfinite(p).sum()) for p in params)
         metrics[f"{PREFIX}/nonfinite"] = float(nonfinite)
         self.last_metrics = metrics
+        wandb = any(isinstance(logger, WandbLogger) for logger in trainer.loggers)
+        hists = self._histograms() if self.histograms and wandb else {}
         step = batches_that_stepped(trainer)
-        hists: dict[str, Any] | None = None
         for logger in trainer.loggers:
-            extra: Mapping[str, Any] = {}
-            if self.histograms and isinstance(logger, WandbLogger):
-                if hists is None:
-                    hists = self._histograms()
-                extra = hists
+            extra = hists if isinstance(logger, WandbLogger) else {}
             logger.log_metrics({**metrics, **extra}, step=step)
         return metrics
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from itertools import islice
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,8 +41,7 @@ __all__ = [
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _LAZY_BATCH_NORMS = (nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
-_BATCH_NORM_FORWARD = nn.BatchNorm2d.forward  # every BatchNorm1d/2d/3d shares this forward
-
+_FORWARD = nn.BatchNorm2d.forward  # shared by every BatchNorm1d/2d/3d without its own
 Moments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -85,32 +86,16 @@ def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor) 
         Chan, Golub, LeVeque, "Updating formulae and a pairwise algorithm for computing sample
         variances", 1979.
     """
-    total = counts.sum()
     weights = counts.unsqueeze(1)
-    mean = (weights * means).sum(0) / total.clamp_min(1)
-    return total, mean, m2s.sum(0) + (weights * (means - mean) ** 2).sum(0)
+    mean = (weights * means).sum(0) / counts.sum().clamp_min(1)
+    return counts.sum(), mean, m2s.sum(0) + (weights * (means - mean) ** 2).sum(0)
 
 
-def _model_input(batch: Any, input_key: int | str) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    try:
-        return batch[input_key]
-    except (KeyError, IndexError, TypeError) as err:
-        raise RuntimeError(
-            f"Precise BN could not read input_key={input_key!r} from a training batch of type "
-            f"{type(batch).__name__}. Set `input_key`, or pass `forward_fn(model, batch)`."
-        ) from err
-
-
-def _row(n: int, mean: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[count, mean..., M2...]`` in ``dtype``: one batch's (or one process's) moments."""
-    return torch.cat([mean.new_full((1,), n), mean, m2]).to(dtype)
-
-
-def _merge_rows(rows: torch.Tensor) -> Moments:
+def _merge_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Merge packed moments ``[count, mean..., M2...]``, ``(R, 1 + 2C)``, into one such row."""
     c = (rows.shape[1] - 1) // 2
-    return merge_moments(rows[:, 0], rows[:, 1 : 1 + c], rows[:, 1 + c :])
+    n, mean, m2 = merge_moments(rows[:, 0], rows[:, 1 : 1 + c], rows[:, 1 + c :])
+    return torch.cat([n.view(1), mean, m2])
 
 
 @torch.no_grad()
@@ -164,58 +149,39 @@ def recompute_batch_norm_stats(
     if not named:
         raise RuntimeError("Precise BN found no BatchNorm layer with running statistics.")
     layers = [m for _, m in named]
-    device = layers[0].running_mean.device
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    # A plain fp32/fp64 BatchNorm computes the batch statistics anyway: with momentum 1 its
-    # buffers hold the batch mean and unbiased variance after each forward, read by a post-hook
-    # (no second pass). Other layers (ghost, SyncBatchNorm, custom, fp16/bf16 buffers) get their
-    # input's moments from a pre-hook, and normalise with batch statistics, buffers untouched.
-    fast = [
-        type(m).forward is _BATCH_NORM_FORWARD
-        and m.running_mean.dtype in (torch.float32, torch.float64)
-        for m in layers
-    ]
-    records: list[list[torch.Tensor]] = [[] for _ in layers]
+    dtype = torch.float32 if layers[0].running_mean.device.type == "mps" else torch.float64
+    # Each layer's packed moments [count, mean..., M2...], one row per forward, after a zero row
+    # (no data), so that a layer no batch reaches merges to count 0.
+    seen = [[m.running_mean.new_zeros(1 + 2 * m.num_features, dtype=dtype)] for m in layers]
 
-    def pre_hook(rec: list[torch.Tensor]) -> Callable[..., None]:
-        def hook(module: Any, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
+    def record(rec: list[torch.Tensor], module: Any, args: Any, out: Any) -> None:
+        x = args[0]
+        if module.track_running_stats:  # a fast layer: its buffers hold the batch statistics
+            var, mean = module.running_var, module.running_mean
+        else:
             x = x.to(torch.promote_types(x.dtype, torch.float32))
-            var, mean = torch.var_mean(x, dim=[0, *range(2, x.ndim)], correction=0)
-            n = x.numel() // x.shape[1]
-            rec.append(_row(n, mean, var * n, dtype))
-
-        return hook
-
-    def post_hook(rec: list[torch.Tensor]) -> Callable[..., None]:
-        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            n = args[0].numel() // args[0].shape[1]
-            rec.append(_row(n, module.running_mean, module.running_var * (n - 1), dtype))
-
-        return hook
+            var, mean = torch.var_mean(x, dim=[0, *range(2, x.ndim)])
+        n = x.numel() // x.shape[1]
+        rec.append(torch.cat([mean.new_full((1,), n), mean, var * (n - 1)]).to(dtype))
 
     saved = [(m.track_running_stats, m.momentum, [b.clone() for b in m.buffers()]) for m in layers]
-    handles = [
-        m.register_forward_hook(post_hook(r)) if f else m.register_forward_pre_hook(pre_hook(r))
-        for m, r, f in zip(layers, records, fast)
-    ]
+    handles = [m.register_forward_hook(partial(record, s)) for m, s in zip(layers, seen)]
+    forward = forward_fn or (lambda m, batch: m(_model_input(batch, input_key)))
     used = 0
     try:
         with training_flags_restored(model) as modules:
-            bn_ids = {id(m) for m in layers}
             for module in modules:
-                module.training = id(module) in bn_ids
-            for module, is_fast in zip(layers, fast):
-                module.momentum = 1.0 if is_fast else module.momentum
-                module.track_running_stats = is_fast
-            for batch in batches:
-                if forward_fn is None:
-                    model(_model_input(batch, input_key))
-                else:
-                    forward_fn(model, batch)
+                module.training = False
+            # A plain fp32/fp64 BatchNorm computes the batch statistics anyway: with momentum 1
+            # its buffers hold the batch mean and unbiased variance after each forward (no second
+            # pass). Other layers (ghost, SyncBatchNorm, custom, fp16/bf16 buffers) normalise with
+            # batch statistics, buffers untouched, and the hook computes their input's moments.
+            for m in layers:
+                fast = type(m).forward is _FORWARD and m.running_mean.dtype.itemsize >= 4
+                m.training, m.track_running_stats, m.momentum = True, fast, 1.0
+            for batch in islice(batches, num_batches):  # no batch is loaded beyond num_batches
+                forward(model, batch)
                 used += 1
-                if used >= num_batches:
-                    break
     finally:
         for handle in handles:
             handle.remove()
@@ -225,19 +191,12 @@ def recompute_batch_norm_stats(
                 buf.copy_(old)
     if used == 0:
         raise RuntimeError("Precise BN got no batch: the training data loader is empty.")
-    local = []
-    for m, rec in zip(layers, records):
-        if rec:
-            local.append(torch.cat([t.reshape(-1) for t in _merge_rows(torch.stack(rec))]))
-        else:  # no batch reached this layer here; maybe on another process
-            local.append(torch.zeros(1 + 2 * m.running_mean.numel(), dtype=dtype, device=device))
-    flat = torch.cat(local)
-    rows = flat.unsqueeze(0) if reduce_fn is None else reduce_fn(flat).to(dtype)
-    skipped, offset = [], 0
-    for (path, m), part in zip(named, local):
-        n, mean, m2 = _merge_rows(rows[:, offset : offset + part.numel()])
-        offset += part.numel()
-        if n == 0:
+    flat = torch.cat([_merge_rows(torch.stack(rec)) for rec in seen])
+    rows = (flat if reduce_fn is None else reduce_fn(flat)).reshape(-1, len(flat)).to(dtype)
+    skipped = []
+    for (path, m), block in zip(named, rows.split([len(s[0]) for s in seen], dim=1)):
+        n, mean, m2 = _merge_rows(block).split([1, m.num_features, m.num_features])
+        if n == 0:  # no batch reached this layer on any process
             skipped.append(path)
         else:
             m.running_mean.copy_(mean)
@@ -249,6 +208,16 @@ def recompute_batch_norm_stats(
             stacklevel=2,
         )
     return used
+
+
+def _model_input(batch: Any, input_key: int | str) -> Any:
+    try:
+        return batch if isinstance(batch, torch.Tensor) else batch[input_key]
+    except (KeyError, IndexError, TypeError) as err:
+        raise RuntimeError(
+            f"Precise BN could not read input_key={input_key!r} from a training batch of type "
+            f"{type(batch).__name__}. Set `input_key`, or pass `forward_fn(model, batch)`."
+        ) from err
 
 
 class PreciseBatchNormCallback(pl.Callback):
@@ -315,16 +284,9 @@ class PreciseBatchNormCallback(pl.Callback):
         if not lazy and not batch_norm_layers(pl_module):
             found = sorted({type(m).__name__ for m in pl_module.modules()})
             raise RuntimeError(
-                "PreciseBatchNormCallback found no BatchNorm layer with running statistics in "
-                f"the model (it has: {found}). Insert some with "
-                "`lightning_reg.add_batch_norm(model)` or remove the callback."
+                "PreciseBatchNormCallback found no BatchNorm layer with running statistics (the "
+                f"model has: {found}). Insert some with `lightning_reg.add_batch_norm(model)`."
             )
-
-    def _batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[Any]:
-        for batch in trainer.train_dataloader:  # type: ignore[union-attr]
-            batch = trainer.precision_plugin.convert_input(batch)
-            batch = pl_module.on_before_batch_transfer(batch, 0)
-            yield trainer.strategy.batch_to_device(batch)
 
     def _recompute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, Any]:
         loader = trainer.train_dataloader
@@ -336,36 +298,24 @@ class PreciseBatchNormCallback(pl.Callback):
         count = self.num_batches
         with contextlib.suppress(TypeError):  # an iterable dataset may have no length
             count = min(count, len(loader))
-        if trainer.world_size > 1:
-            t = torch.tensor(float(count), device=pl_module.device)
-            count = int(trainer.strategy.reduce(t, reduce_op="min"))
+        t = torch.tensor(float(count), device=pl_module.device)
+        count = int(trainer.strategy.reduce(t, reduce_op="min"))  # the same on every rank
         if count < self.num_batches and not self._warned:
             self._warned = True
-            rank_zero_warn(
-                f"PreciseBatchNormCallback(num_batches={self.num_batches}): the training "
-                f"loader has only {count} batches per rank; using {count}."
-            )
-        layers = [m for _, m in batch_norm_layers(pl_module)]
-        old = [m.running_mean.clone() for m in layers]
-
-        def gather(packed: torch.Tensor) -> torch.Tensor:
-            return trainer.strategy.all_gather(packed).reshape(-1, packed.numel())
-
-        with trainer.precision_plugin.train_step_context():
-            used = recompute_batch_norm_stats(
-                pl_module,
-                self._batches(trainer, pl_module),
-                count,
-                forward_fn=self.forward_fn,
-                input_key=self.input_key,
-                reduce_fn=gather if trainer.world_size > 1 else None,
-            )
+            msg = f"only {count} batches per rank, fewer than num_batches={self.num_batches}"
+            rank_zero_warn(f"PreciseBatchNormCallback: the training loader has {msg}; using all.")
+        old = {m: m.running_mean.clone() for _, m in batch_norm_layers(pl_module)}
+        gather = trainer.strategy.all_gather  # per-rank moments, merged on every rank
+        options = {"forward_fn": self.forward_fn, "input_key": self.input_key, "reduce_fn": gather}
+        convert, before = trainer.precision_plugin.convert_input, pl_module.on_before_batch_transfer
+        batches = (trainer.strategy.batch_to_device(before(convert(b), 0)) for b in loader)
+        with trainer.precision_plugin.train_step_context():  # batches take the training path
+            used = recompute_batch_norm_stats(pl_module, batches, count, **options)
         shift = torch.stack([
             ((m.running_mean - o).abs() / (m.running_var + m.eps).sqrt()).float().mean()
-            for m, o in zip(layers, old)
+            for m, o in old.items()
         ]).mean()  # fmt: skip
-        self.last_step = trainer.global_step
-        self.last_num_batches = used
+        self.last_step, self.last_num_batches = trainer.global_step, used
         return used, shift
 
     @override
@@ -373,12 +323,8 @@ class PreciseBatchNormCallback(pl.Callback):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         used, shift = self._recompute(trainer, pl_module)
-        log_scalars(
-            pl_module,
-            {"reg/precise_bn/num_batches": float(used), "reg/precise_bn/mean_shift": shift},
-            on_step=False,
-            on_epoch=True,
-        )
+        values = {"reg/precise_bn/num_batches": float(used), "reg/precise_bn/mean_shift": shift}
+        log_scalars(pl_module, values, on_step=False, on_epoch=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

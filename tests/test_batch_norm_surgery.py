@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_reg import BatchNormFreezeCallback, add_batch_norm
+from lightning_reg import (
+    BatchNormFreezeCallback,
+    add_batch_norm,
+    batch_norm_surgery,
+    ghost_batch_norm,
+    precise_batch_norm,
+)
 from lightning_reg.batch_norm_surgery import BatchNormAfter, remove_batch_norm
 from tests.helpers.models import (
     MLP,
@@ -49,7 +55,7 @@ def test_add_batch_norm_keys_and_both_ways():
     assert [type(m) for m in model] == [type(m) for m in original]
     with pytest.raises(RuntimeError, match="already has BatchNorm layers"):
         add_batch_norm(SmallCNN())
-    assert add_batch_norm(SmallCNN(), allow_existing=True)
+    assert [c.path for c in add_batch_norm(SmallCNN(), allow_existing=True)] == ["features.0"]
 
 
 def test_batch_norm_after_linear_on_sequences_and_conv():
@@ -69,7 +75,7 @@ def test_batch_norm_freeze_callback():
     torch.manual_seed(0)
     x, y = random_classification(32, seed=4)
     module = ClassifierModule(bn_mlp())
-    seen: list[tuple[int, bool]] = []
+    seen: list[tuple[int, torch.Tensor]] = []
 
     class Probe(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
@@ -96,6 +102,10 @@ def test_old_module_path_is_a_deprecated_alias():
         assert old.GhostBatchNormCallback is GhostBatchNormCallback
     with pytest.warns(DeprecationWarning, match="lightning_reg.batch_norm_surgery"):
         assert old.add_batch_norm is add_batch_norm
+    for module in (ghost_batch_norm, precise_batch_norm, batch_norm_surgery):
+        for name in module.__all__:  # every public name of the old module still resolves
+            with pytest.warns(DeprecationWarning, match=rf"batch_norm\.{name} is deprecated"):
+                assert getattr(old, name) is getattr(module, name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(AttributeError, match="_GhostAwareSyncBatchNorm"):

@@ -13,6 +13,7 @@ from torch import nn
 from lightning_reg.core.batch import BatchSlot
 from lightning_reg.core.hooks import OptimizerStepHooks
 from lightning_reg.core.params import ParamSelection
+from lightning_reg.core.random import CallbackRNG, mix_seed, seeded_global_rng
 from lightning_reg.core.schedules import (
     CallableSchedule,
     ConstantSchedule,
@@ -23,9 +24,11 @@ from lightning_reg.core.schedules import (
 )
 from lightning_reg.core.surgery import (
     SurgeryWrapper,
+    TransparentWrapper,
     format_changes,
     replace_modules,
     restore_modules,
+    training_flags_restored,
 )
 from lightning_reg.core.validation import (
     check_choice,
@@ -65,8 +68,15 @@ def test_probability_ends_and_types():
         check_int("n", 2.0)
     with pytest.raises(ValueError, match=r"`n` must be in \[1, inf\], got 0"):
         check_int("n", 0, minimum=1)
+    with pytest.raises(ValueError, match=r"`n` must be in \[-inf, 3\], got 4"):
+        check_int("n", 4, maximum=3)
     with pytest.raises(ValueError, match="`mode` must be one of 'a', 'b'; got 'c'"):
         check_choice("mode", "c", ("a", "b"))
+    with pytest.raises(ValueError, match=r"`kind` must be one of 'a'; got \[1\]"):
+        check_choice("kind", [1], {"a": 1})  # unhashable value, dict of choices
+    assert check_probability("p", torch.tensor(0.25)) == 0.25  # one-element tensors are numbers
+    with pytest.raises(TypeError, match="`p` must be a real number"):
+        check_probability("p", torch.ones(2))
 
 
 # ---------------------------------------------------------------- parameter selection
@@ -132,14 +142,18 @@ def test_step_constant_callable_and_units():
     assert ConstantSchedule(0.3).value(epoch=7, step=100) == 0.3
     assert CallableSchedule(lambda e: 0.1 * e).value(epoch=3, step=0) == pytest.approx(0.3)
     assert isinstance(as_schedule(0.2), ConstantSchedule)
-    with pytest.raises(ValueError, match="boundaries"):
-        StepSchedule([1.0, 2.0], boundaries=[3, 1, 2])
+    with pytest.raises(ValueError, match=r"boundaries\) \+ 1 = 4 entries, got 2"):
+        StepSchedule([1.0, 2.0], boundaries=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"`boundaries` must be strictly increasing, got \[3, 1\]"):
+        StepSchedule([1.0, 2.0, 3.0], boundaries=[3, 1])
     with pytest.raises(ValueError, match="unit"):
         LinearSchedule(0, 1, 5, unit="batch")
     with pytest.raises(ValueError, match="start"):
         LinearSchedule(float("nan"), 1, 5)
-    with pytest.raises(TypeError, match="schedule"):
+    with pytest.raises(TypeError, match="`schedule` must be a number, a Schedule or a callable"):
         as_schedule("cosine")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`schedule value` must be a finite number"):
+        CallableSchedule(lambda e: float("nan")).at(0)
 
 
 # ---------------------------------------------------------------- batch access
@@ -162,8 +176,14 @@ def test_batch_slot_errors_say_what_to_do():
         BatchSlot("y", role="target").get({"x": torch.ones(1)})
     with pytest.raises(RuntimeError, match="not a tensor"):
         BatchSlot(1).get([torch.ones(1), "label"])
+    with pytest.raises(RuntimeError, match=r"batch is a str\..*list or a dict"):
+        BatchSlot(0).get("not a batch")
     with pytest.raises(TypeError, match="input_key"):
         BatchSlot(1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`setter` must be callable"):
+        BatchSlot(0, setter=3)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="pass `setter=` too"):
+        BatchSlot(0, getter=lambda b: b[0]).set([torch.ones(1)], torch.zeros(1))
 
 
 def test_batch_slot_user_functions():
@@ -198,7 +218,8 @@ def test_replace_and_restore_round_trip():
     changes = replace_modules(model, {nn.Linear: lambda m, path: Wrapped(m)})
     assert [c.path for c in changes] == ["0", "2.0"]
     assert all(c.old_type == "Linear" and c.new_type == "Wrapped" for c in changes)
-    assert "2 module(s) changed" in format_changes(changes, "test")
+    assert format_changes(changes, "test") == "test: 2 module(s) changed\n  Linear -> Wrapped  x2"
+    assert format_changes([], "test") == "test: no module changed"
     with pytest.raises(RuntimeError, match="already wrapped"):
         replace_modules(model, {nn.Linear: Wrapped}, refuse_if_contains=(Wrapped,))
     restored = restore_modules(model, Wrapped)
@@ -209,6 +230,57 @@ def test_replace_and_restore_round_trip():
 def test_policy_returning_a_non_module_fails():
     with pytest.raises(TypeError, match=r"must return an nn\.Module or None"):
         replace_modules(nn.Sequential(nn.ReLU()), {nn.ReLU: lambda m, p: 3})
+
+
+def test_transparent_wrapper_checkpoints_load_both_ways_and_flags_are_restored():
+    plain = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    wrapped = nn.Sequential(nn.Linear(2, 2), TransparentWrapper(nn.BatchNorm1d(2)))
+    state = wrapped.state_dict()
+    assert list(state) == list(plain.state_dict())  # no `.module.` level
+    assert state._metadata["1"] == plain.state_dict()._metadata["1"]  # BN version travels
+    plain.load_state_dict(state)
+    wrapped.load_state_dict({k: v + 1 for k, v in plain.state_dict().items()})
+    assert torch.equal(wrapped[1].module.running_mean, plain[1].running_mean + 1)
+    wrapped[1].module.eval()
+    with training_flags_restored(wrapped) as modules:
+        wrapped.train()
+        assert len(modules) == 4 and wrapped[1].module.training
+    assert wrapped.training and not wrapped[1].module.training
+
+
+# ---------------------------------------------------------------- random streams
+
+
+def test_mix_seed_is_a_fixed_function():
+    # Pinned: changing these values changes every seeded run of every callback.
+    assert mix_seed(0) == 7070836379803831727
+    assert mix_seed(1, 2, 3) == 5797055558538453683
+    assert mix_seed(-1) == 7266964230113668128
+
+
+def test_callback_rng_is_per_step_resumable_and_seeded():
+    cpu = torch.device("cpu")
+    a, b = CallbackRNG(seed=7, salt=1), CallbackRNG(seed=7, salt=1)
+    draws = [torch.rand(3, generator=a.next(cpu)[0]) for _ in range(3)]
+    assert not torch.equal(draws[0], draws[1])
+    b.load_state_dict(CallbackRNG(seed=7, salt=1).state_dict() | {"counter": 2})
+    assert torch.equal(torch.rand(3, generator=b.next(cpu)[0]), draws[2])
+    assert a.state_dict() == {"seed": 7, "counter": 3}
+    other_salt = CallbackRNG(seed=7, salt=2).next(cpu)[1]
+    assert other_salt != CallbackRNG(seed=7, salt=1).next(cpu)[1]
+    with pytest.raises(TypeError, match="`seed` must be an integer"):
+        CallbackRNG(seed=1.5)  # type: ignore[arg-type]
+
+
+def test_seeded_global_rng_is_deterministic_and_restores_the_global_stream():
+    torch.manual_seed(0)
+    expected_next = torch.rand(2)
+    torch.manual_seed(0)
+    with seeded_global_rng(123, torch.device("cpu")):
+        first = torch.rand(2)
+    with seeded_global_rng(123, torch.device("cpu")):
+        assert torch.equal(torch.rand(2), first)
+    assert torch.equal(torch.rand(2), expected_next)
 
 
 # ---------------------------------------------------------------- optimizer hooks
@@ -234,11 +306,14 @@ def test_before_step_runs_after_the_closure_and_before_the_update():
         return torch.tensor(0.0)
 
     opt.step(closure=closure)  # Lightning's non-AMP path
+    w.grad = None
     opt.step(closure)  # closure as a positional argument
     opt.step()  # AMP path: gradients already exist
     assert [s[0] for s in seen] == ["before", "after"] * 3
-    assert seen[0][1] is not None and seen[0][1].item() == 2.0  # gradients existed
+    # Every before_step saw this step's gradients, and ran before the update.
+    assert [s[1].item() for s in seen[::2]] == [2.0, 2.0, 2.0]
     assert seen[0][2] == 1.0 and seen[1][2] == pytest.approx(0.8)
+    assert seen[2][2] == pytest.approx(0.8) and seen[3][2] == pytest.approx(0.6)
     hooks.detach()
     opt.step()
     assert len(seen) == 6

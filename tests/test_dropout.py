@@ -197,6 +197,8 @@ def test_dropout_callback_args():
         DropoutCallback()
     with pytest.raises(ValueError, match="exactly one"):
         DropoutCallback(0.1, schedule=LinearSchedule(0.0, 0.1, 3))
+    assert DropoutCallback(0.1, apply_to="model.*").apply_to == ["model.*"]
+    assert DropoutCallback(0.1).schedule.at(123) == 0.1
 
 
 def test_dropout_callback_schedules_every_module(precision):
@@ -334,7 +336,8 @@ def test_mc_dropout_samples_vary_bn_untouched_flags_restored():
     assert torch.allclose(res.entropy, ref_entropy, atol=1e-6)
     per_sample = -(res.samples * res.samples.log()).sum(-1).mean(0)
     assert torch.allclose(res.mutual_info, ref_entropy - per_sample, atol=1e-6)
-    assert (res.mutual_info >= -1e-6).all()
+    # BALD is strictly positive where the samples disagree (entropy is strictly concave)
+    assert (res.mutual_info > 0).all()
 
 
 def test_mc_dropout_uses_batch_stats_free_eval_bn():
@@ -398,12 +401,43 @@ def test_mc_dropout_errors():
 
 
 def test_mc_dropout_probs_output_and_bf16():
+    # output="probs": the samples are the model's own probabilities (no second softmax, which
+    # would also sum to 1), promoted to float32, and the entropy is that of their mean.
     model = nn.Sequential(nn.Linear(8, 3), nn.Dropout(0.3), nn.Softmax(-1))
+    x = torch.randn(4, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        res = mc_dropout_predict(model, torch.randn(4, 8), 8, output="probs")
-    assert res.mean.dtype == torch.float32
-    assert res.entropy is not None and torch.isfinite(res.entropy).all()
-    assert torch.allclose(res.mean.sum(-1), torch.ones(4), atol=2e-2)
+        torch.manual_seed(3)
+        res = mc_dropout_predict(model, x, 8, output="probs", return_samples=True)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            ref = model.train()(x.repeat(8, 1)).reshape(8, 4, 3).float()
+    assert res.mean.dtype == res.samples.dtype == torch.float32
+    assert torch.equal(res.samples, ref)
+    torch.testing.assert_close(res.entropy, -torch.special.xlogy(res.mean, res.mean).sum(-1))
+
+
+def test_mc_dropout_refuses_outputs_it_cannot_average():
+    x = torch.randn(3, 4)
+
+    class Pooled(nn.Module):  # averages over the batch: one row for 3 * 2 input rows
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(x).mean(0, keepdim=True)
+
+    with pytest.raises(RuntimeError, match=r"one row per input row; 6 rows gave \(1, 4\)"):
+        mc_dropout_predict(Pooled(), x, 2)
+
+    class Dict(Pooled):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.drop(x)}
+
+    with pytest.raises(RuntimeError, match=r"rows gave dict\. Wrap the model"):
+        mc_dropout_predict(Dict(), x, 2)
+    with pytest.raises(RuntimeError, match="batched input tensor"):
+        mc_dropout_predict(Pooled(), torch.tensor(1.0), 2)
 
 
 class _MCModule(MCDropoutMixin, ClassifierModule):
@@ -442,6 +476,21 @@ def test_mc_mixin_on_plain_class_raises():
 
     with pytest.raises(RuntimeError, match=r"nn\.Module"):
         NotAModule().mc_predict(torch.randn(2, 2), 4)
+
+
+def test_mc_predict_defaults_and_forwarded_arguments():
+    module = _MCModule(nn.Sequential(nn.Linear(8, 3), nn.Dropout(0.5)))
+    x = torch.randn(2, 8)
+    rows = []
+    module.model[0].register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    res = module.mc_predict(x, chunk_size=5, return_samples=True)  # mc_n_samples = 12
+    assert rows == [10, 10, 4] and res.samples.shape == (12, 2, 3)
+    assert res.entropy.shape == (2,)  # mc_classifier = True
+    assert module.mc_predict(x, 3, classifier=None).entropy is not None
+    plain = module.mc_predict(x, 3, classifier=False)
+    assert plain.entropy is None and plain.mutual_info is None and plain.samples is None
+    with pytest.raises(TypeError, match="chunk"):
+        module.mc_predict(x, 3, chunks=2)
 
 
 def test_functional_dropout_reference_equivalence():

@@ -332,6 +332,25 @@ def test_squeezes_the_metric_on_a_trainer_without_a_model():
     assert float(es.best_score) == 0.5 and es.best_weights.state is None
 
 
+def test_evaluate_stopping_criteria_called_directly_is_one_counted_check():
+    # Lightning's signature and semantics without a Trainer: all criteria, no weights, no logging
+    for cls in (EarlyStopping, EarlyStoppingCallback):
+        es = cls("foo", patience=1)
+        assert es._evaluate_stopping_criteria(torch.tensor(0.5)) == (
+            False,
+            "Metric foo improved. New best score: 0.500",
+        )
+        assert es._evaluate_stopping_criteria(torch.tensor(0.6)) == (
+            True,
+            "Monitored metric foo did not improve in the last 1 records. Best score: 0.500. "
+            "Signaling Trainer to stop.",
+        )
+    gl = EarlyStoppingCallback("foo", criterion="gl", gl_alpha=10.0)
+    assert gl._evaluate_stopping_criteria(torch.tensor(0.5))[0] is False
+    stop, reason = gl._evaluate_stopping_criteria(torch.tensor(0.6))
+    assert stop and "generalization loss GL = 20.000 > 10" in reason
+
+
 def test_bad_mode_is_lightnings_exception_and_a_value_error():
     for kind in (MisconfigurationException, ValueError):
         with pytest.raises(kind, match=r"`mode` can be .* got unknown_option"):
@@ -599,17 +618,31 @@ def test_restores_on_max_epochs_and_not_when_disabled():
         fit(module, [es, capture], max_epochs=5)
         assert es.stopped_epoch == 0
         assert_state_equal(module, capture.by_epoch[2 if restore else 4])
+    assert state_hash(capture.by_epoch[2]) != state_hash(capture.by_epoch[4])
 
 
 def test_an_improvement_that_reaches_the_stopping_threshold_is_restored():
+    # min_epochs keeps training one epoch past the stop signal, so the final weights differ
     torch.manual_seed(0)
     capture = CaptureWeights()
     es = EarlyStoppingCallback("val_loss", stopping_threshold=0.45)
-    module = ScriptedModule([1.0, 0.8, 0.4, 0.3], lr=0.2)
-    fit(module, [es, capture], max_epochs=4)
-    assert es.stopping_reason == EarlyStoppingReason.STOPPING_THRESHOLD
+    module = ScriptedModule([1.0, 0.8, 0.4, 0.5], lr=0.2)
+    fit(module, [es, capture], max_epochs=4, min_epochs=4)
+    assert es.stopping_reason == EarlyStoppingReason.STOPPING_THRESHOLD and es.stopped_epoch == 2
     assert es.best_epoch == 2 and float(es.best_score) == pytest.approx(0.4)
     assert_state_equal(module, capture.by_epoch[2])
+    assert state_hash(capture.by_epoch[2]) != state_hash(capture.by_epoch[3])
+
+
+def test_a_non_finite_value_is_never_the_best():
+    # in max mode +inf compares as an improvement; with check_finite it stops and is not kept
+    es = EarlyStoppingCallback("val", mode="max")
+    assert drive(es, [0.5, 0.7, math.inf]) == 2
+    assert es.stopping_reason == EarlyStoppingReason.NON_FINITE_METRIC
+    assert float(es.best_score) == pytest.approx(0.7)
+    es = EarlyStoppingCallback("val", mode="max", check_finite=False)
+    assert drive(es, [0.5, 0.7, math.inf]) is None
+    assert float(es.best_score) == math.inf  # as Lightning's, when non-finite values are allowed
 
 
 def test_restored_weights_survive_a_resume(tmp_path):
@@ -719,6 +752,7 @@ def test_surgery_before_the_first_save_restores_fine():
     module = ScriptedModule([1.0, 0.5, 0.9, 0.9], lr=0.2)
     fit(module, [WrapFirstLayerAt(0), es, capture], max_epochs=4)
     assert_state_equal(module, capture.by_epoch[1])
+    assert state_hash(capture.by_epoch[1]) != state_hash(capture.by_epoch[3])
 
 
 # --------------------------------------------------------------------------- arguments

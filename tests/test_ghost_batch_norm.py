@@ -213,10 +213,11 @@ def test_bad_virtual_batch_size(bad):
         GhostBatchNormCallback(bad)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), 2.5, "4"])
+@pytest.mark.parametrize("bad", [float("nan"), 2.5, "4", True])
 def test_non_integer_virtual_batch_size(bad):
-    with pytest.raises((TypeError, ValueError), match="virtual_batch_size"):
-        GhostBatchNormCallback(bad)
+    for make in (GhostBatchNormCallback, lambda v: GhostBatchNorm1d(2, virtual_batch_size=v)):
+        with pytest.raises(TypeError, match="`virtual_batch_size` must be an integer"):
+            make(bad)
 
 
 @pytest.mark.parametrize(
@@ -234,8 +235,16 @@ def test_ghost_validates_eps_and_momentum(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GhostBatchNorm2d(3, virtual_batch_size=4, **kwargs)
     bn = GhostBatchNorm2d(3, virtual_batch_size=4, momentum=None)  # None is BatchNorm's average
-    bn(torch.randn(8, 3, 2, 2))
-    assert torch.isfinite(bn.running_mean).all()
+    x = torch.randn(8, 3, 2, 2) * 2 + 1
+    bn(x)
+    # the cumulative average of the two virtual batches' statistics, as BatchNorm fed them in turn
+    plain = nn.BatchNorm2d(3, momentum=None)
+    for chunk in x.split(4):
+        plain(chunk)
+    chunk_means = torch.stack([chunk.mean((0, 2, 3)) for chunk in x.split(4)])
+    assert int(bn.num_batches_tracked) == 2
+    assert torch.allclose(bn.running_mean, chunk_means.mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, plain.running_var, atol=1e-6)
 
 
 def test_ghost_impl_is_deprecated_and_base_class_is_abstract():

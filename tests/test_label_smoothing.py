@@ -112,6 +112,21 @@ def test_callback_changes_training_targets_only(precision):
         sl = slice(8 * step, 8 * step + 8)
         assert torch.equal(yb, y[sl]) and yb.dtype == torch.int64
     assert trainer.callback_metrics["reg/label_smoothing/alpha"].item() == pytest.approx(0.2)
+    assert cb.num_classes == 4 and cb.state_dict() == {"num_classes": 4}  # inferred K is saved
+
+
+def test_inferred_num_classes_round_trips_through_state():
+    restored = LabelSmoothingCallback(0.1)
+    restored.load_state_dict({"num_classes": 4})
+    assert restored.num_classes == 4
+    torch.testing.assert_close(
+        restored.smooth(torch.tensor([3])), smooth_labels(torch.tensor([3]), 0.1, 4)
+    )
+    given = LabelSmoothingCallback(0.1, num_classes=5)
+    given.load_state_dict({"num_classes": 4})  # an explicit num_classes wins
+    assert given.num_classes == 5
+    with pytest.raises(RuntimeError, match="no num_classes yet"):
+        LabelSmoothingCallback(0.1).smooth(torch.tensor([0]))
 
 
 def test_num_classes_inference_leaves_model_state_alone():
@@ -138,7 +153,7 @@ def test_num_classes_inference_failure_says_what_to_do():
         def forward(self, x):
             return {"logits": self.head(x.mean(dim=(2, 3)))}
 
-    with pytest.raises(RuntimeError, match="Pass `num_classes=`"):
+    with pytest.raises(RuntimeError, match=r"AttributeError.*Pass `num_classes=`"):
         _fit([LabelSmoothingCallback(0.1)], model=DictModel(), val=False)
 
 

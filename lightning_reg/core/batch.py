@@ -18,8 +18,8 @@ __all__ = ["BatchKey", "BatchSlot"]
 BatchKey = int | str
 
 _TUPLE_HELP = (
-    "lightning_reg rewrites the training batch in place, and a tuple cannot be changed in place. "
-    "Return a list or a dict from your Dataset/collate_fn (for example "
+    "lightning_reg rewrites the training batch in place, which a tuple or another immutable "
+    "type does not allow. Return a list or a dict from your Dataset/collate_fn (for example "
     "`DataLoader(..., collate_fn=lambda b: list(default_collate(b)))`), or pass `getter=`/"
     "`setter=` functions to the callback to read and write your batch type."
 )
@@ -57,13 +57,8 @@ class BatchSlot:
         self.role = role
 
     def _check_container(self, batch: Any) -> None:
-        if isinstance(batch, tuple):
-            raise RuntimeError(f"Got a tuple training batch. {_TUPLE_HELP}")
-        if not isinstance(batch, (MutableSequence, MutableMapping)):
-            raise RuntimeError(
-                f"Cannot find the {self.role} in a batch of type {type(batch).__name__}. "
-                f"{_TUPLE_HELP}"
-            )
+        if not isinstance(batch, (MutableSequence, MutableMapping)):  # a tuple is not mutable
+            raise RuntimeError(f"The training batch is a {type(batch).__name__}. {_TUPLE_HELP}")
 
     def get(self, batch: Any) -> torch.Tensor:
         """Return the slot's tensor.

@@ -53,10 +53,9 @@ def attached_trainer(module: Any) -> pl.Trainer | None:
     return getattr(module, "_trainer", None)
 
 
-def should_update_logs(trainer: pl.Trainer) -> bool | None:
-    """Whether Lightning writes this training step to the loggers (``None`` if unknown)."""
-    flag = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
-    return flag if isinstance(flag, bool) else None
+def should_update_logs(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this training step to the loggers."""
+    return trainer._logger_connector.should_update_logs
 
 
 def batches_that_stepped(trainer: pl.Trainer) -> int:

@@ -72,12 +72,8 @@ class OptimizerStepHooks:
     def _pre_hook(
         self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict] | None:
-        before_step = self.before_step
-        assert before_step is not None
-        closure = kwargs.get("closure")
-        in_args = closure is None and len(args) > 0 and callable(args[0])
-        if in_args:
-            closure = args[0]
+        before_step: StepFn = self.before_step  # type: ignore[assignment]
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: optimizer
         if closure is None:
             before_step(optimizer)
             return None
@@ -88,9 +84,9 @@ class OptimizerStepHooks:
             before_step(optimizer)
             return loss
 
-        if in_args:
-            return (closure_then_hook, *args[1:]), kwargs
-        return args, {**kwargs, "closure": closure_then_hook}
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_hook}
+        return (args[0], closure_then_hook, *args[2:]), kwargs
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.after_step(optimizer)  # type: ignore[misc]

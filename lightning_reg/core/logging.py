@@ -16,11 +16,7 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     Follows ``Trainer(log_every_n_steps=...)``. Callbacks compute diagnostics only on these
     steps, so the hot path never pays for them.
     """
-    flag = should_update_logs(trainer)
-    if flag is not None:
-        return flag
-    every = max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
-    return (trainer.global_step + 1) % every == 0
+    return should_update_logs(trainer)
 
 
 def log_scalars(
@@ -36,6 +32,5 @@ def log_scalars(
     quantity a callback logs is either identical on all ranks or a rank-local diagnostic.
     """
     for key, value in values.items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach().float()
+        value = value.detach().float() if isinstance(value, torch.Tensor) else value
         pl_module.log(key, value, on_step=on_step, on_epoch=on_epoch, sync_dist=False)

@@ -42,8 +42,9 @@ def resolve_params(
     return [SelectedParam("", p) for p in params]
 
 
-def _signature(items: Any) -> tuple:
-    return tuple((id(p), p.requires_grad) for p in items)
+def _signature(params: Iterable[torch.Tensor]) -> tuple:
+    """What decides a selection: which tensors, and which of them are trainable."""
+    return tuple((id(p), p.requires_grad) for p in params)
 
 
 class ParamCallback(Callback):
@@ -97,13 +98,16 @@ class ParamCallback(Callback):
     ) -> None:
         super().__init__()
         self.selection = ParamSelection.coerce(params)
-        self._module: nn.Module | None = None
+        self._reset(None)
+        self._hooks = OptimizerStepHooks(
+            before_step=(lambda opt: self.before_step(self.groups(opt))) if before_step else None,
+            after_step=(lambda opt: self.after_step(self.groups(opt))) if after_step else None,
+        )
+
+    def _reset(self, module: nn.Module | None) -> None:
+        self._module = module
         self._selected: tuple[tuple, list[SelectedParam]] = ((), [])
         self._groups: dict[int, tuple[tuple, list[Group]]] = {}
-        self._hooks = OptimizerStepHooks(
-            before_step=self._run_before if before_step else None,
-            after_step=self._run_after if after_step else None,
-        )
 
     # -- what subclasses override ----------------------------------------------------------
 
@@ -146,16 +150,10 @@ class ParamCallback(Callback):
             cached = self._groups[id(optimizer)] = (key, found)
         return cached[1]
 
-    def _run_before(self, optimizer: torch.optim.Optimizer) -> None:
-        self.before_step(self.groups(optimizer))
-
-    def _run_after(self, optimizer: torch.optim.Optimizer) -> None:
-        self.after_step(self.groups(optimizer))
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check_strategy(trainer)
-        self._module, self._groups, self._selected = pl_module, {}, ((), [])
+        self._reset(pl_module)
         selected = self.selected(pl_module)
         if not self.needs_optimizer:
             return
@@ -172,4 +170,4 @@ class ParamCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.detach()
-        self._module, self._groups, self._selected = None, {}, ((), [])
+        self._reset(None)

@@ -22,31 +22,23 @@ import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from lightning_reg.core.compat import NormBase
 from lightning_reg.core.validation import check_choice
 
 __all__ = ["NORM_LAYER_TYPES", "ParamSelection", "SelectedParam", "split_by_device_dtype"]
 
 #: Module types whose parameters are never "weights" (plus any class named ``*Norm``/``*Norm2d``).
-NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = tuple(
-    t
-    for t in (
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.SyncBatchNorm,
-        nn.InstanceNorm1d,
-        nn.InstanceNorm2d,
-        nn.InstanceNorm3d,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        nn.LocalResponseNorm,
-        getattr(nn, "RMSNorm", None),
-    )
-    if t is not None
+NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    NormBase,  # batch, instance and sync batch norm, lazy or not
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []),  # torch >= 2.4
 )
 _NORM_CLASS = re.compile(r"Norm(\dd)?$")
 # Hugging Face Trainer's forbidden name patterns, plus positional embeddings and class tokens.
@@ -58,8 +50,7 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PRESETS = ("weights", "all")
 
 
-@dataclass(frozen=True)
-class SelectedParam:
+class SelectedParam(NamedTuple):
     """A parameter picked by a :class:`ParamSelection`: qualified name, tensor and unit dim."""
 
     name: str
@@ -123,16 +114,15 @@ class ParamSelection:
 
     def __post_init__(self) -> None:
         check_choice("params", self.preset, _PRESETS)
-        for arg, kind, ok in (
-            ("include", str, lambda v: isinstance(v, str)),
-            ("exclude", str, lambda v: isinstance(v, str)),
-            ("include_types", type, lambda v: isinstance(v, type) and issubclass(v, nn.Module)),
-            ("exclude_types", type, lambda v: isinstance(v, type) and issubclass(v, nn.Module)),
-        ):
+        for arg in ("include", "exclude", "include_types", "exclude_types"):
             value = getattr(self, arg)
-            value = (value,) if isinstance(value, kind) else tuple(value)
-            if not all(ok(v) for v in value):
-                what = "name globs" if kind is str else "nn.Module subclasses"
+            value = (value,) if isinstance(value, (str, type)) else tuple(value)
+            globs = not arg.endswith("types")
+            if not all(
+                isinstance(v, str) if globs else isinstance(v, type) and issubclass(v, nn.Module)
+                for v in value
+            ):
+                what = "name globs" if globs else "nn.Module subclasses"
                 raise TypeError(f"`{arg}` must be a sequence of {what}, got {value!r}")
             object.__setattr__(self, arg, value)
 
@@ -147,21 +137,10 @@ class ParamSelection:
         if spec is None or isinstance(spec, ParamSelection):
             return spec or cls()
         if isinstance(spec, str):
-            return cls(check_choice("params", spec, _PRESETS))
+            return cls(spec)  # __post_init__ checks the preset
         raise TypeError(
             f"`params` must be 'weights', 'all' or a ParamSelection, got {spec!r} "
             f"({type(spec).__name__})"
-        )
-
-    def _is_weight(self, name: str, param: nn.Parameter, owner: nn.Module, declared) -> bool:
-        names, keywords = declared
-        return not (
-            param.ndim < 2
-            or isinstance(owner, NORM_LAYER_TYPES)
-            or _NORM_CLASS.search(type(owner).__name__)
-            or _NO_DECAY_NAME.search(name.lower())
-            or _matches(name, names)
-            or any(name.startswith(p) and k in name[len(p) :] for p, k in keywords)
         )
 
     def select(self, model: nn.Module, *, allow_empty: bool = False) -> list[SelectedParam]:
@@ -170,7 +149,8 @@ class ParamSelection:
         Raises:
             RuntimeError: if nothing matches and ``allow_empty`` is False.
         """
-        declared = _declared_no_decay(model) if self.preset == "weights" else None
+        weights = self.preset == "weights"
+        names, keywords = _declared_no_decay(model) if weights else (set(), [])
         chosen: list[SelectedParam] = []
         seen: set[int] = set()
         for module_name, module in model.named_modules():
@@ -178,11 +158,17 @@ class ParamSelection:
                 name = f"{module_name}.{param_name}" if module_name else param_name
                 if id(param) in seen or (self.trainable_only and not param.requires_grad):
                     continue
+                no_decay = weights and (
+                    param.ndim < 2
+                    or isinstance(module, NORM_LAYER_TYPES)
+                    or _NORM_CLASS.search(type(module).__name__)
+                    or _NO_DECAY_NAME.search(name.lower())
+                    or _matches(name, names)
+                    or any(name.startswith(p) and k in name[len(p) :] for p, k in keywords)
+                )
                 if (
-                    (declared is None or self._is_weight(name, param, module, declared))
-                    and (
-                        not self.include or any(fnmatch.fnmatchcase(name, g) for g in self.include)
-                    )
+                    not no_decay
+                    and (not self.include or _matches(name, self.include))
                     and not _matches(name, self.exclude)
                     and (not self.include_types or isinstance(module, self.include_types))
                     and not (self.exclude_types and isinstance(module, self.exclude_types))

@@ -22,35 +22,28 @@ __all__ = ["CallbackRNG", "mix_seed", "seeded_global_rng"]
 _MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
 def mix_seed(*values: int) -> int:
     """splitmix64 over ``values``: a fixed, platform-independent 63-bit seed."""
     h = 0
     for v in values:
-        h = _splitmix64(h ^ (v & _MASK64))
+        h = ((h ^ (v & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
     return h & ((1 << 63) - 1)
 
 
 @contextlib.contextmanager
 def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run the body with the global torch RNG (CPU and ``device``) seeded, then restore it."""
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            yield
-        return
-    module = getattr(torch, device.type)
+    module = torch.get_device_module(device)
     index = device.index if device.index is not None else module.current_device()
-    with torch.random.fork_rng(devices=[index], device_type=device.type):
+    devices = [] if device.type == "cpu" else [index]
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
         torch.random.default_generator.manual_seed(seed)
-        with module.device(index):
-            module.manual_seed(seed)
+        for index in devices:
+            with module.device(index):
+                module.manual_seed(seed)
         yield
 
 
@@ -74,7 +67,7 @@ class CallbackRNG:
         self.seed: int | None = self.user_seed
         self.counter = 0
         self.rank = 0
-        self._generators: dict[str, torch.Generator] = {}
+        self._generator: torch.Generator | None = None
 
     def setup(self, trainer: pl.Trainer) -> None:
         """Start a fresh stream for this run (a later checkpoint restore overrides it)."""
@@ -91,12 +84,9 @@ class CallbackRNG:
             self.seed = torch.initial_seed()
         step_seed = mix_seed(self.seed, self.salt, self.rank, self.counter)
         self.counter += 1
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = self._generators[key] = torch.Generator(device=device)
-        gen.manual_seed(step_seed)
-        return gen, step_seed
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        return self._generator.manual_seed(step_seed), step_seed
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "counter": self.counter}

@@ -8,6 +8,7 @@ hints, so they load from a LightningCLI YAML.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 
@@ -97,19 +98,19 @@ class LinearSchedule(Schedule):
         return self.start + (self.end - self.start) * frac
 
 
-class CosineSchedule(Schedule):
+class CosineSchedule(LinearSchedule):
     """Half-cosine from ``start`` to ``end`` over ``duration`` units, then flat at ``end``.
+
+    Args:
+        start: value at ``t = 0``.
+        end: value at ``t >= duration``.
+        duration: length of the ramp, in units (>= 1).
+        unit: ``"epoch"`` or ``"step"``.
 
     Example:
         >>> round(CosineSchedule(1.0, 0.0, duration=2).at(1), 6)
         0.5
     """
-
-    def __init__(self, start: float, end: float, duration: int, unit: str = "epoch") -> None:
-        super().__init__(unit)
-        self.start = check_finite("start", start)
-        self.end = check_finite("end", end)
-        self.duration = check_int("duration", duration, minimum=1)
 
     def at(self, t: int) -> float:
         frac = min(max(t, 0) / self.duration, 1.0)
@@ -146,8 +147,7 @@ class StepSchedule(Schedule):
             raise ValueError(f"`boundaries` must be strictly increasing, got {self.boundaries}")
 
     def at(self, t: int) -> float:
-        index = sum(1 for b in self.boundaries if t >= b)
-        return self.values[index]
+        return self.values[bisect.bisect_right(self.boundaries, t)]
 
 
 class CallableSchedule(Schedule):

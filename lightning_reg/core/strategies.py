@@ -19,17 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ALL_SHARDED", "FLAT_SHARDED", "refuse_strategies", "strategy_names"]
+__all__ = ["ALL_SHARDED", "FLAT_SHARDED", "refuse_strategies"]
 
 #: Strategies whose parameters are flattened or partitioned (no per-tensor view).
 FLAT_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 #: Every sharded strategy.
 ALL_SHARDED = (*FLAT_SHARDED, "ModelParallelStrategy")
-
-
-def strategy_names(strategy: Any) -> set[str]:
-    """The class names in the strategy's MRO (so subclasses match too)."""
-    return {cls.__name__ for cls in type(strategy).__mro__}
 
 
 def refuse_strategies(trainer: Any, who: str, refused: Iterable[str], reason: str) -> None:
@@ -38,9 +33,8 @@ def refuse_strategies(trainer: Any, who: str, refused: Iterable[str], reason: st
     Raises:
         RuntimeError: naming the strategy, the technique, the reason and what works instead.
     """
-    strategy = getattr(trainer, "strategy", None)
-    hit = strategy_names(strategy) & set(refused)
-    if hit:
+    strategy = trainer.strategy
+    if {cls.__name__ for cls in type(strategy).__mro__} & set(refused):  # subclasses match too
         raise RuntimeError(
             f"{who} does not support {type(strategy).__name__}: {reason}. Use "
             "strategy='ddp' (any number of GPUs and nodes), or see docs/distributed.md for "

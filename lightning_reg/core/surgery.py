@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -135,12 +136,6 @@ class TransparentWrapper(SurgeryWrapper):
         return self.module
 
 
-def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, new)
-
-
 def replace_modules(
     model: nn.Module,
     policy: Policy,
@@ -169,25 +164,20 @@ def replace_modules(
         >>> replace_modules(m, {nn.ReLU: lambda mod, path: nn.GELU()})
         [ModuleChange(path='1', old_type='ReLU', new_type='GELU')]
     """
-    if refuse_if_contains:
-        found = [n for n, m in model.named_modules() if isinstance(m, refuse_if_contains)]
-        if found:
-            names = ", ".join(t.__name__ for t in refuse_if_contains)
-            raise RuntimeError(
-                f"The model is already wrapped ({names} at {found[:3]}"
-                f"{'...' if len(found) > 3 else ''}). Remove the earlier surgery first, or do "
-                "not apply it twice."
-            )
+    found = [n for n, m in model.named_modules() if isinstance(m, refuse_if_contains)]
+    if found:
+        raise RuntimeError(
+            f"The model is already wrapped ({type(model.get_submodule(found[0])).__name__} at "
+            f"{found[:3]}{'...' if len(found) > 3 else ''}). Remove the earlier surgery first, "
+            "or do not apply it twice."
+        )
     changes: list[ModuleChange] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
         for name, child in list(module.named_children()):
             path = f"{prefix}.{name}" if prefix else name
-            replacement = None
-            for kind, fn in policy.items():
-                if isinstance(child, kind):
-                    replacement = fn(child, path)
-                    break
+            fn = next((fn for kind, fn in policy.items() if isinstance(child, kind)), None)
+            replacement = None if fn is None else fn(child, path)
             if replacement is None:
                 visit(child, path)
                 continue
@@ -216,7 +206,7 @@ def restore_modules(
     # Deepest first, so nested wrappers unwind correctly.
     for path, wrapper in sorted(targets, key=lambda item: -item[0].count(".")):
         original = wrapper.unwrap()
-        _set_child(model, path, original)
+        model.set_submodule(path, original)
         changes.append(ModuleChange(path, type(wrapper).__name__, type(original).__name__))
     return changes
 
@@ -225,10 +215,7 @@ def format_changes(changes: list[ModuleChange], title: str) -> str:
     """A short text table of ``changes``, for logging once at rank zero."""
     if not changes:
         return f"{title}: no module changed"
-    counts: dict[tuple[str, str], int] = {}
-    for change in changes:
-        key = (change.old_type, change.new_type)
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter((change.old_type, change.new_type) for change in changes)
     width = max(len(old) for old, _ in counts)
     rows = [f"  {old:<{width}} -> {new}  x{n}" for (old, new), n in counts.items()]
     return f"{title}: {len(changes)} module(s) changed\n" + "\n".join(rows)

@@ -12,6 +12,8 @@ import numbers
 from collections.abc import Collection
 from typing import Any
 
+import torch
+
 __all__ = [
     "check_choice",
     "check_finite",
@@ -24,14 +26,9 @@ __all__ = [
 
 
 def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        try:
-            import torch
-
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                return float(value)
-        except ImportError:  # pragma: no cover - torch is a hard dependency
-            pass
         raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
     return float(value)
 
@@ -103,12 +100,10 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)  # numpy integers become plain ints
-    if minimum is not None and value < minimum:
-        upper = f"{maximum}" if maximum is not None else "inf"
-        raise ValueError(f"`{name}` must be in [{minimum}, {upper}], got {value!r}")
-    if maximum is not None and value > maximum:
-        lower = f"{minimum}" if minimum is not None else "-inf"
-        raise ValueError(f"`{name}` must be in [{lower}, {maximum}], got {value!r}")
+    low = -math.inf if minimum is None else minimum
+    high = math.inf if maximum is None else maximum
+    if not low <= value <= high:
+        raise ValueError(f"`{name}` must be in [{low}, {high}], got {value!r}")
     return value
 
 
