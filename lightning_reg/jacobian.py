@@ -27,7 +27,6 @@ the cross-sample terms.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial, reduce
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from lightning_reg.core import compat
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.validation import check_int, check_non_negative
+from lightning_reg.core.validation import check_choice, check_int, check_non_negative
 
 __all__ = [
     "InputGradientPenaltyMixin",
@@ -53,17 +52,17 @@ _HOW_TO_FIX = (
 
 
 def _check_projections(n_projections: Any) -> int | str:
-    if n_projections == "exact" and isinstance(n_projections, str):
-        return "exact"
     if isinstance(n_projections, str):
-        raise ValueError(
-            f"`n_projections` must be an integer >= 1 or 'exact', got {n_projections!r}"
-        )
+        return check_choice("n_projections", n_projections, ("exact",))
     return check_int("n_projections", n_projections, 1)
 
 
 def _leaf(x: Tensor) -> Tensor:
-    """``x.detach().requires_grad_(True)``, refusing integer tensors with a how-to-fix."""
+    """``x.detach().requires_grad_(True)``: a leaf to differentiate the outputs against.
+
+    Raises:
+        TypeError: for integer inputs (token ids): pass the embedding output instead.
+    """
     _check_float(x)
     return x.detach().requires_grad_(True)
 
@@ -175,23 +174,23 @@ def jacobian_penalty(
             "`outputs` must be (B, C) and `inputs` (B, ...) with the same batch size B; got "
             f"outputs {tuple(outputs.shape)} and inputs {tuple(inputs.shape)}"
         )
-    batch = outputs.shape[0]
-    dim = outputs[0].numel() if batch > 0 else 0
-    if batch == 0 or dim == 0:
+    if not outputs.numel():
         return outputs.new_zeros((), dtype=torch.float32)
+    batch, dim = outputs.shape[0], outputs[0].numel()
     if n == "exact":  # v = e_c for each output dimension c
         eye = torch.eye(dim, device=outputs.device, dtype=torch.float32)
         projections, factor = eye.unsqueeze(1).expand(dim, batch, dim), 1.0
     else:
-        draw = partial(
-            random_unit_projections, batch, dim, device=outputs.device, generator=generator
-        )
-        projections, factor = [draw() for _ in range(int(n))], dim / int(n)
+        projections = [
+            random_unit_projections(batch, dim, device=outputs.device, generator=generator)
+            for _ in range(int(n))
+        ]
+        factor = dim / int(n)
     squares = [
         _vjp(outputs, inputs, v.reshape(outputs.shape), create_graph, grad_scale).pow(2).sum()
         for v in projections
     ]
-    return reduce(torch.add, squares) * (factor / batch)
+    return sum(squares) * (factor / batch)
 
 
 def input_gradient_penalty(
@@ -334,14 +333,7 @@ class JacobianPenaltyMixin:
     jacobian_weight = _Checked(check_non_negative, 0.01)
     jacobian_projections = _Checked(lambda _, value: _check_projections(value), 1)
 
-    @staticmethod
-    def jacobian_inputs(x: Tensor) -> Tensor:
-        """``x.detach().requires_grad_(True)``: a leaf to differentiate the outputs against.
-
-        Raises:
-            TypeError: for integer inputs (token ids): pass the embedding output instead.
-        """
-        return _leaf(x)
+    jacobian_inputs = staticmethod(_leaf)
 
     def jacobian_penalty(
         self,
@@ -390,10 +382,7 @@ class InputGradientPenaltyMixin:
 
     input_gradient_weight = _Checked(check_non_negative, 0.01)
 
-    @staticmethod
-    def input_gradient_inputs(x: Tensor) -> Tensor:
-        """``x.detach().requires_grad_(True)`` (``TypeError`` for integer inputs)."""
-        return _leaf(x)
+    input_gradient_inputs = staticmethod(_leaf)
 
     def input_gradient_penalty(
         self, inputs: Tensor, loss: Tensor, *, weight: float | None = None

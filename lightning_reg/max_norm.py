@@ -59,13 +59,12 @@ class _Bucket:
         self.refs = [weakref.ref(t) for t, _ in items]
         self.dims = [dims for _, dims in items]
         shapes = [[1 if d in dims else n for d, n in enumerate(t.shape)] for t, dims in items]
-        kept = [[n for d, n in enumerate(t.shape) if d not in dims] for t, dims in items]
         sizes = [math.prod(shape) for shape in shapes]
         t = items[0][0]
         acc = torch.promote_types(t.dtype, torch.float32)
         self.norms = torch.empty(sum(sizes), device=t.device, dtype=acc)
         self.scales = torch.empty(sum(sizes), device=t.device, dtype=t.dtype)
-        self.norm_views = [v.view(k) for v, k in zip(self.norms.split(sizes), kept)]
+        self.norm_views = [v.view(s) for v, s in zip(self.norms.split(sizes), shapes)]
         self.scale_views = [v.view(s) for v, s in zip(self.scales.split(sizes), shapes)]
 
     @torch.no_grad()
@@ -75,7 +74,9 @@ class _Bucket:
         tensors = [ref() for ref in self.refs]
         for t, dims, out in zip(tensors, self.dims, self.norm_views):
             src = t if dims else t.unsqueeze(-1)  # no dims: each element is its own unit
-            torch.linalg.vector_norm(src, dim=dims or -1, dtype=out.dtype, out=out)
+            torch.linalg.vector_norm(
+                src, dim=dims or -1, keepdim=bool(dims), dtype=out.dtype, out=out
+            )
         norms = self.norms
         outside = torch.isfinite(norms) & (norms > (radius or 0.0))
         scales = torch.where(outside, (radius or 1.0) / norms, 1.0)
@@ -287,15 +288,10 @@ class WeightConstraintCallback(ParamCallback):
         batch_idx: int,
     ) -> None:
         if self._done:
-            stats = _stats(self._done)
-            log_scalars(
-                pl_module,
-                {
-                    "reg/max_norm/projected_fraction": stats["projected"] / stats["units"],
-                    "reg/max_norm/max_unit_norm": stats["max_unit_norm"],
-                },
-            )
-            self._done = []
+            stats, self._done = _stats(self._done), []
+            fraction = stats["projected"] / stats["units"]
+            log_scalars(pl_module, {"reg/max_norm/projected_fraction": fraction})
+            log_scalars(pl_module, {"reg/max_norm/max_unit_norm": stats["max_unit_norm"]})
 
 
 class MaxNormCallback(WeightConstraintCallback):

@@ -27,15 +27,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_reg.core.compat import (
-    foreach_add_,
-    foreach_clamp_max_,
-    foreach_clamp_min,
-    foreach_mul_,
-    foreach_norm,
-    foreach_sign,
-    foreach_sub_,
-)
+from lightning_reg.core import compat
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.param_callback import Group, ParamCallback, resolve_params
 from lightning_reg.core.params import ParamSelection, split_by_device_dtype
@@ -63,7 +55,7 @@ def _norm_sum(tensors: Sequence[torch.Tensor], ord: float) -> torch.Tensor:
     total = torch.zeros(())
     for group in split_by_device_dtype(tensors):
         acc = torch.promote_types(group[0].dtype, torch.float32)
-        norms = torch.stack(foreach_norm(group, ord, dtype=acc))
+        norms = torch.stack(compat.foreach_norm(group, ord, dtype=acc))
         part = norms.square().sum() if ord == 2 else norms.sum()
         total = part + total.to(part.device, torch.promote_types(total.dtype, acc))
     return total
@@ -137,9 +129,9 @@ def add_penalty_grad_(params: Sequence[torch.Tensor], l1: float = 0.0, l2: float
     for ps in split_by_device_dtype(p for p in params if p.grad is not None):
         grads = [p.grad for p in ps]
         if l2:
-            foreach_add_(grads, ps, alpha=l2)
+            compat.foreach_add_(grads, ps, alpha=l2)
         if l1:
-            foreach_add_(grads, foreach_sign(ps), alpha=l1)
+            compat.foreach_add_(grads, compat.foreach_sign(ps), alpha=l1)
 
 
 @torch.no_grad()
@@ -151,7 +143,7 @@ def decay_weights_(params: Sequence[torch.Tensor], factor: float | torch.Tensor)
         tensor([0.5000, 0.5000])
     """
     if params:
-        foreach_mul_(list(params), factor)
+        compat.foreach_mul_(list(params), factor)
 
 
 @torch.no_grad()
@@ -165,13 +157,11 @@ def soft_threshold_(params: Sequence[torch.Tensor], threshold: float | torch.Ten
         >>> w = torch.tensor([0.5, -2.0]); soft_threshold_([w], 1.0); w
         tensor([ 0., -1.])
     """
-    if not params:
-        return
-    threshold = float(threshold)  # capturable optimizers keep lr as a tensor
-    ps = list(params)
-    clipped = foreach_clamp_min(ps, -threshold)
-    foreach_clamp_max_(clipped, threshold)
-    foreach_sub_(ps, clipped)
+    threshold, ps = float(threshold), list(params)  # capturable optimizers keep lr as a tensor
+    if ps:
+        clipped = compat.foreach_clamp_min(ps, -threshold)
+        compat.foreach_clamp_max_(clipped, threshold)
+        compat.foreach_sub_(ps, clipped)
 
 
 class WeightPenaltyCallback(ParamCallback):
@@ -245,9 +235,8 @@ class WeightPenaltyCallback(ParamCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        l1 = 0.0 if self.proximal else self.l1
-        l2 = 0.0 if self.decoupled else self.l2
-        if l1 or l2:
+        l1, l2 = 0.0 if self.proximal else self.l1, 0.0 if self.decoupled else self.l2
+        if l1 or l2:  # the parts not applied as a proximal or decoupled step
             for _, tensors in self.groups(optimizer):
                 add_penalty_grad_(tensors, l1=l1, l2=l2)
 
@@ -260,9 +249,8 @@ class WeightPenaltyCallback(ParamCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not is_logging_step(trainer):
-            return
-        tensors = [s.param.detach() for s in self.selected(pl_module)]
+        logging = is_logging_step(trainer)
+        tensors = [s.param.detach() for s in self.selected(pl_module)] if logging else []
         if not tensors:
             return
         values = {f"reg/{self.name}/penalty": elastic_net_penalty(tensors, self.l1, self.l2)}

@@ -125,8 +125,9 @@ def recompute_batch_norm_stats(
         forward_fn: ``forward_fn(model, batch)``; default ``model(batch[input_key])`` (or
             ``model(batch)`` for a tensor batch).
         input_key: index or key of the input in list/dict batches.
-        reduce_fn: optional ``fn(packed (L,)) -> gathered (R, L)`` across processes; the
-            per-process moments are merged in rank order, so all processes get equal results.
+        reduce_fn: optional ``fn(packed (L,))`` returning every process's ``packed``, as
+            ``(R, L)`` or flat (``trainer.strategy.all_gather`` fits); the per-process moments
+            are merged in rank order, so all processes get equal results.
 
     Returns:
         The number of batches used on this process.

@@ -25,9 +25,10 @@ The pure functions come first (no Lightning needed); :class:`StochasticDepthCall
 
 from __future__ import annotations
 
-import importlib
 import math
+import pydoc
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +74,9 @@ _TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _LAYER_STACKS = ("layer", "layers", "h", "blocks", "block")
 #: torch transformer masks of shape ``(L, S)``: one for the whole batch, never sliced.
 _SHARED_MASKS = ("src_mask", "tgt_mask", "memory_mask")
+#: Uniform draws taken ahead from each decision generator (see ``_uniform``); cleared by the
+#: callback whenever it reseeds the generator.
+_UNIFORMS: weakref.WeakKeyDictionary[torch.Generator, list[float]] = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,17 +135,14 @@ class _TouchParams(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
+        ctx.save_for_backward(*params)
         # A copy, not a view: autograd forbids in-place ops on views returned by a Function,
         # and the next layer may well do ``relu_()`` on it.
         return x.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        zero: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        for _, dtype, device in ctx.param_meta:
-            zero.setdefault((dtype, device), torch.zeros((), dtype=dtype, device=device))
-        return (grad, *(zero[d, dev].expand(s) for s, d, dev in ctx.param_meta))
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (grad, *(torch.zeros_like(p) for p in ctx.saved_tensors))
 
 
 def _skip(x: torch.Tensor, block: Any) -> torch.Tensor:
@@ -172,6 +173,14 @@ def _with_hidden(y: Any, h: torch.Tensor) -> Any:
     return (h, *y[1:]) if isinstance(y, (tuple, list)) else h
 
 
+def _lerp(x: torch.Tensor, h: torch.Tensor, survival_prob: float) -> torch.Tensor:
+    """``x + (h - x) / p`` in one ``lerp`` kernel (in the promoted dtype if the dtypes differ)."""
+    if h.dtype != x.dtype:
+        dtype = torch.promote_types(x.dtype, h.dtype)
+        x, h = x.to(dtype), h.to(dtype)
+    return torch.lerp(x, h, 1.0 / survival_prob)
+
+
 def _rows(value: Any, idx: torch.Tensor, dim: int, size: int, name: str = "") -> Any:
     """``value`` restricted to the kept rows if it is batch-shaped (``size`` along the batch
     dim; a ``*padding_mask`` is batch-first), else unchanged (a broadcast mask, an int)."""
@@ -183,13 +192,16 @@ def _rows(value: Any, idx: torch.Tensor, dim: int, size: int, name: str = "") ->
     return value.index_select(d, idx) if value.shape[d] == size else value
 
 
-def _rescale(x: torch.Tensor, h: torch.Tensor, survival_prob: float) -> torch.Tensor:
-    """``x + (h - x) / p`` (one fused ``lerp`` kernel when the dtypes agree)."""
-    if survival_prob == 1.0:
-        return h
-    if x.dtype == h.dtype:
-        return torch.lerp(x, h, 1.0 / survival_prob)
-    return x + (h - x) / survival_prob
+def _uniform(generator: torch.Generator | None) -> float:
+    """One ``U(0, 1)`` draw without a tensor per call: a generator's draws are taken 64 at a time
+    and handed out in order (the values 64 single draws would give). ``None``: one draw from
+    torch's global CPU RNG per call, so that ``torch.manual_seed`` replays it."""
+    if generator is None:
+        return float(torch.rand(()))
+    pool = _UNIFORMS.get(generator)
+    if not pool:
+        pool = _UNIFORMS[generator] = torch.rand(64, generator=generator).tolist()[::-1]
+    return pool.pop()
 
 
 def stochastic_depth(
@@ -206,8 +218,8 @@ def stochastic_depth(
     In row mode the extra arguments that are batch-shaped (same size as ``x`` along
     ``batch_dim``; attention masks, position ids, encoder states, given by position or keyword,
     also inside tuples) are sliced to the kept rows with ``x``. A block with a BatchNorm in
-    training mode that keeps exactly one row is computed on the whole batch and masked (a
-    BatchNorm cannot normalise a single row), which gives the same unbiased output.
+    training mode that keeps exactly one row is computed on the whole batch (a BatchNorm cannot
+    normalise a single row) and only the kept row is used, which gives the same unbiased output.
 
     Args:
         block: a shape-preserving callable ``block(x, *args, **kwargs)``; if it is an
@@ -237,44 +249,35 @@ def stochastic_depth(
         if not keep:
             return _skip(x, block)
         y = block(x, *args, **kwargs)
-        return _with_hidden(y, _rescale(x, _hidden(block, x, y), survival_prob))
+        return _with_hidden(y, _lerp(x, _hidden(block, x, y), survival_prob))
     keep = keep.cpu()
     size = x.shape[batch_dim]
-    if keep.dim() != 1 or keep.shape[0] != size:
+    if tuple(keep.shape) != (size,):
         raise RuntimeError(
             f"Row-mode keep decisions must have shape ({size},) (the batch size along dim "
             f"{batch_dim}), got {tuple(keep.shape)}."
         )
     kept_idx = keep.nonzero().squeeze(1)
-    n_kept = kept_idx.numel()
-    if n_kept == 0:
+    if kept_idx.numel() == 0:
         return _skip(x, block)
-    if n_kept == size or (n_kept == 1 and _has_training_batch_norm(block)):
-        y = block(x, *args, **kwargs)
-        h = _hidden(block, x, y)
-        if n_kept < size:  # the one-row BatchNorm case: mask the full compute
-            shape = [1] * x.dim()
-            shape[batch_dim] = size
-            mask = keep.to(x.device, h.dtype).view(shape)
-            return _with_hidden(y, x + mask * (h - x) / survival_prob)
-        return _with_hidden(y, _rescale(x, h, survival_prob))
+    if kept_idx.numel() == size:
+        return stochastic_depth(block, x, True, survival_prob, *args, **kwargs)
     idx = kept_idx.to(x.device, non_blocking=True)
-    args = _rows(args, idx, batch_dim, size)
-    kwargs = {k: _rows(v, idx, batch_dim, size, k) for k, v in kwargs.items()}
     x_kept = x.index_select(batch_dim, idx)
-    y = block(x_kept, *args, **kwargs)
-    h = _hidden(block, x_kept, y)
-    # Kept rows become lerp(x, h, 1/p) = x + (h - x) / p; ``index_put`` with unique indices
-    # saves only the indices for backward (``index_add`` would also save its source rows).
-    dtype = torch.promote_types(x.dtype, h.dtype)
-    rows = torch.lerp(x_kept.to(dtype), h.to(dtype), 1.0 / survival_prob)
-    out = x.to(dtype).movedim(batch_dim, 0).index_put((idx,), rows.movedim(batch_dim, 0))
-    return _with_hidden(y, out.movedim(0, batch_dim))
-
-
-def _has_training_batch_norm(block: Any) -> bool:
     modules = block.modules() if isinstance(block, nn.Module) else ()
-    return any(isinstance(m, BatchNormBase) and m.training for m in modules)
+    if kept_idx.numel() == 1 and any(isinstance(m, BatchNormBase) and m.training for m in modules):
+        y = block(x, *args, **kwargs)  # BatchNorm needs more than one row: compute them all
+        h = _hidden(block, x, y).index_select(batch_dim, idx)
+    else:
+        args = _rows(args, idx, batch_dim, size)
+        kwargs = {k: _rows(v, idx, batch_dim, size, k) for k, v in kwargs.items()}
+        y = block(x_kept, *args, **kwargs)
+        h = _hidden(block, x_kept, y)
+    # ``index_put`` with unique indices saves only the indices for backward (``index_add``
+    # would also save its source rows).
+    rows = _lerp(x_kept, h, survival_prob)
+    out = x.to(rows.dtype).movedim(batch_dim, 0).index_put((idx,), rows.movedim(batch_dim, 0))
+    return _with_hidden(y, out.movedim(0, batch_dim))
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,36 +383,36 @@ class StochasticDepthWrapper(SurgeryWrapper):
         if not self._verified:
             _hidden(self.block, x, y)
             self._verified = True
-        self._arity = len(y) if isinstance(y, (tuple, list)) else None
+            self._arity = len(y) if isinstance(y, (tuple, list)) else None
         return y
+
+    def _drop(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self._verified:  # check the shape once, without touching BN statistics
+            with torch.no_grad(), training_flags_restored(self.block):
+                self._seen(x, self.block.eval()(x, *args, **kwargs))
+        out = _skip(x, self.block)
+        return out if self._arity is None else (out, *[None] * (self._arity - 1))
 
     @override
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not self.training or self.survival_prob == 1.0:
-            return self._seen(x, self.block(x, *args, **kwargs))
-        keep: bool | torch.Tensor
+        block, p = self.block, self.survival_prob
+        if not self.training or p == 1.0:
+            return self._seen(x, block(x, *args, **kwargs))
         if self.mode == "batch":
-            keep = torch.rand((), generator=self.generator).item() < self.survival_prob
-            n, n_kept = 1, int(keep)
-        else:
-            keep = sample_keep(
-                self.survival_prob, x.shape[self.batch_dim], generator=self.generator
-            )
-            n, n_kept = keep.shape[0], int(keep.sum())  # a host tensor: no device sync
-        self.drawn += n
-        self.dropped += n - n_kept
+            self.drawn += 1
+            if _uniform(self.generator) < p:
+                y = block(x, *args, **kwargs)
+                return self._seen(x, _with_hidden(y, _lerp(x, _hidden(block, x, y), p)))
+            self.dropped += 1
+            return self._drop(x, args, kwargs)
+        keep = sample_keep(p, x.shape[self.batch_dim], generator=self.generator)
+        n_kept = int(keep.sum())  # a host tensor: no device sync
+        self.drawn += keep.shape[0]
+        self.dropped += keep.shape[0] - n_kept
         if n_kept == 0:
-            if not self._verified:  # check the shape once, without touching BN statistics
-                with torch.no_grad(), training_flags_restored(self.block):
-                    self._seen(x, self.block.eval()(x, *args, **kwargs))
-            out = _skip(x, self.block)
-            return out if self._arity is None else (out, *[None] * (self._arity - 1))
-        y = stochastic_depth(
-            self.block, x, keep, self.survival_prob, *args, batch_dim=self.batch_dim, **kwargs
-        )
-        self._verified = True  # stochastic_depth checked the shape
-        self._arity = len(y) if isinstance(y, (tuple, list)) else None
-        return y
+            return self._drop(x, args, kwargs)
+        y = stochastic_depth(block, x, keep, p, *args, batch_dim=self.batch_dim, **kwargs)
+        return self._seen(x, y)
 
     @override
     def extra_repr(self) -> str:
@@ -470,27 +473,16 @@ def _resolve_block_types(
 ) -> tuple[type[nn.Module], ...] | None:
     if block_types is None:
         return None
-    if isinstance(block_types, (str, type)):
-        block_types = [block_types]
-    resolved: list[type[nn.Module]] = []
-    for spec in block_types:
-        kind: Any = spec
-        if isinstance(spec, str):
-            module_name, _, attr = spec.rpartition(".")
-            try:
-                kind = getattr(importlib.import_module(module_name), attr)
-            except (ImportError, AttributeError, ValueError) as err:
-                raise ValueError(
-                    f"`block_types` must hold nn.Module subclasses or their import paths "
-                    f"('package.module.Class'); cannot import {spec!r}: {err}"
-                ) from err
+    specs = [block_types] if isinstance(block_types, (str, type)) else list(block_types)
+    if not specs:
+        raise ValueError("`block_types` must name at least one block type, got an empty list")
+    resolved = [pydoc.locate(s) if isinstance(s, str) else s for s in specs]
+    for spec, kind in zip(specs, resolved):
         if not (isinstance(kind, type) and issubclass(kind, nn.Module)):
             raise ValueError(
-                f"`block_types` must hold nn.Module subclasses or their import paths; got {spec!r}"
+                "`block_types` must hold nn.Module subclasses or their import paths "
+                f"('package.module.Class'); cannot import {spec!r} as one"
             )
-        resolved.append(kind)
-    if not resolved:
-        raise ValueError("`block_types` must name at least one block type, got an empty list")
     return tuple(resolved)
 
 
@@ -564,34 +556,30 @@ def apply_stochastic_depth(
     check_choice("schedule", schedule, _SCHEDULES)
     check_choice("mode", mode, _MODES)
     types = _resolve_block_types(block_types)
-    existing = [n for n, m in model.named_modules() if isinstance(m, StochasticDepthWrapper)]
-    if existing:
-        raise RuntimeError(
-            f"The model is already wrapped for stochastic depth (at {existing[:3]}). Call "
-            "remove_stochastic_depth(model) first, or do not apply it twice."
-        )
     candidates = _candidates(model, types)
-    if not any(wrappable for _, wrappable in candidates):
-        present = ", ".join(sorted({type(m).__name__ for m in model.modules()}))
-        wanted = "residual" if types is None else ", ".join(t.__name__ for t in types)
-        skipped = f", {len(candidates)} found, all with a downsample" if candidates else ""
-        raise RuntimeError(
-            f"Stochastic depth found no shape-preserving block to wrap (type: {wanted}{skipped})."
-            f" The model contains: {present}. Name your residual block type in `block_types`."
-        )
     total = len(candidates)
-    probs = survival_probabilities(total, p_last, schedule)
+    probs = survival_probabilities(max(total, 1), p_last, schedule)
     plan = {id(m): (k, p) for k, ((m, ok), p) in enumerate(zip(candidates, probs), 1) if ok}
 
     def wrap(module: nn.Module, path: str) -> nn.Module | None:
         if id(module) not in plan:
             return None
-        k, prob = plan[id(module)]
-        wrapper = StochasticDepthWrapper(module, prob, mode=mode)
-        wrapper.depth_position = (k, total)
+        wrapper = StochasticDepthWrapper(module, plan[id(module)][1], mode=mode)
+        wrapper.depth_position = (plan[id(module)][0], total)
         return wrapper
 
-    return replace_modules(model, {nn.Module: wrap})
+    changes = replace_modules(
+        model, {nn.Module: wrap}, refuse_if_contains=(StochasticDepthWrapper,)
+    )
+    if not changes:
+        present = ", ".join(sorted({type(m).__name__ for m in model.modules()}))
+        wanted = "residual" if types is None else ", ".join(t.__name__ for t in types)
+        skipped = f", {total} found, all with a downsample" if candidates else ""
+        raise RuntimeError(
+            f"Stochastic depth found no shape-preserving block to wrap (type: {wanted}{skipped})."
+            f" The model contains: {present}. Name your residual block type in `block_types`."
+        )
+    return changes
 
 
 def remove_stochastic_depth(model: nn.Module) -> list[ModuleChange]:
@@ -710,9 +698,8 @@ class StochasticDepthCallback(pl.Callback):
             ALL_SHARDED,
             "skipping a dropped block's compute is verified with DDP's gradient reducer only",
         )
-        present = [m for m in pl_module.modules() if isinstance(m, StochasticDepthWrapper)]
         ours = {id(w) for w in self._wrappers}
-        if not (present and all(id(m) in ours for m in present)):
+        if not any(id(m) in ours for m in pl_module.modules()):
             # Not wrapped yet (or wrapped by someone else: apply refuses that loudly).
             self.changes = apply_stochastic_depth(
                 pl_module,
@@ -732,6 +719,7 @@ class StochasticDepthCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         generator, _ = self.rng.next(torch.device("cpu"))
+        _UNIFORMS.pop(generator, None)  # draws taken ahead under the previous seed
         for wrapper in self._wrappers:
             wrapper.generator = generator
             wrapper.reset_counts()

@@ -270,3 +270,18 @@ def test_bfloat16_norms_accumulate_in_float32():
     assert stats is not None and stats["projected"].item() == 0
     assert torch.equal(w, before)
     assert stats["max_unit_norm"].item() == pytest.approx(0.64, rel=1e-2)
+
+
+def test_function_plan_is_reused_only_for_the_same_live_tensors():
+    w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    max_norm_(w, 1.0)
+    torch.testing.assert_close(w, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
+    w.data = torch.tensor([[6.0, 8.0, 0.0]], dtype=torch.float64)  # same object, new shape/dtype
+    max_norm_(w, 1.0)
+    torch.testing.assert_close(w, torch.tensor([[0.6, 0.8, 0.0]], dtype=torch.float64))
+    ref = __import__("weakref").ref(w)
+    del w  # the cached plan holds no reference: the tensor is freed
+    assert ref() is None
+    v = torch.tensor([[0.0, 5.0]])
+    max_norm_(v, 2.0)
+    torch.testing.assert_close(v, torch.tensor([[0.0, 2.0]]))

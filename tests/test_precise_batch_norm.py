@@ -82,6 +82,26 @@ def test_recompute_matches_population_statistics():
     assert model[1].track_running_stats and model[1].momentum == 0.1
 
 
+def test_recompute_merges_the_other_processes_moments_exactly():
+    """``reduce_fn`` gets this process's packed moments and returns every process's, ``(R, L)``
+    or flat ``(R·L,)``: the running statistics become those of the union of the data."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double()
+    mine = [torch.randn(6, 4, dtype=torch.float64) + 2 for _ in range(2)]
+    theirs = [torch.randn(10, 4, dtype=torch.float64) * 3 for _ in range(3)]
+    other: list[torch.Tensor] = []
+    recompute_batch_norm_stats(model, theirs, 3, reduce_fn=lambda t: other.append(t) or t)
+    with torch.no_grad():
+        h = model[0](torch.cat(mine + theirs))
+    for reduce_fn in (
+        lambda t: torch.stack([t, other[0]]),  # what DDP's all_gather returns
+        lambda t: torch.cat([other[0], t]),  # flat, another rank order
+    ):
+        assert recompute_batch_norm_stats(model, mine, 5, reduce_fn=reduce_fn) == 2
+        assert torch.allclose(model[1].running_mean, h.mean(0), atol=1e-12)
+        assert torch.allclose(model[1].running_var, h.var(0), atol=1e-12)
+
+
 def test_recompute_keeps_dropout_off_and_handles_ghost_and_errors():
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-__all__ = ["BatchKey", "BatchSlot"]
-
 BatchKey = int | str
 
 _TUPLE_HELP = (

@@ -12,25 +12,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-__all__ = [
-    "BatchNormBase",
-    "DropoutBase",
-    "NormBase",
-    "attached_trainer",
-    "batches_that_stepped",
-    "foreach_add_",
-    "foreach_clamp_max_",
-    "foreach_clamp_min",
-    "foreach_clamp_min_",
-    "foreach_mul_",
-    "foreach_norm",
-    "foreach_sign",
-    "foreach_sub_",
-    "grad_scaler_scale",
-    "should_update_logs",
-    "state_dict_metadata",
-]
-
 # Base classes torch keeps private; isinstance checks against them cover every variant
 # (1d/2d/3d, lazy, sync; instance norm for NormBase; alpha/feature dropout for DropoutBase).
 BatchNormBase = torch.nn.modules.batchnorm._BatchNorm

@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["OptimizerStepHooks", "real_optimizers"]
-
 StepFn = Callable[[torch.optim.Optimizer], None]
 
 

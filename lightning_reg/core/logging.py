@@ -7,8 +7,6 @@ import torch
 
 from lightning_reg.core.compat import should_update_logs
 
-__all__ = ["is_logging_step", "log_scalars"]
-
 
 def is_logging_step(trainer: pl.Trainer) -> bool:
     """Whether the current training step is one that Lightning writes to the loggers.

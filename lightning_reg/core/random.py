@@ -16,9 +16,6 @@ import torch
 
 from lightning_reg.core.validation import check_int
 
-__all__ = ["CallbackRNG", "mix_seed", "seeded_global_rng"]
-
-
 _MASK64 = (1 << 64) - 1
 
 
@@ -71,12 +68,10 @@ class CallbackRNG:
 
     def setup(self, trainer: pl.Trainer) -> None:
         """Start a fresh stream for this run (a later checkpoint restore overrides it)."""
-        seed = self.user_seed if self.user_seed is not None else torch.initial_seed()
-        if not self.per_rank:
-            seed = int(trainer.strategy.broadcast(seed, src=0))
-        self.seed = seed
-        self.counter = 0
+        seed = torch.initial_seed() if self.user_seed is None else self.user_seed
+        self.seed = seed if self.per_rank else int(trainer.strategy.broadcast(seed, src=0))
         self.rank = int(trainer.global_rank) if self.per_rank else 0
+        self.counter = 0
 
     def next(self, device: torch.device) -> tuple[torch.Generator, int]:
         """The generator for the next step (on ``device``) and its integer seed."""

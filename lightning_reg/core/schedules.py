@@ -14,16 +14,6 @@ from collections.abc import Callable, Sequence
 
 from lightning_reg.core.validation import check_choice, check_finite, check_int
 
-__all__ = [
-    "CallableSchedule",
-    "ConstantSchedule",
-    "CosineSchedule",
-    "LinearSchedule",
-    "Schedule",
-    "StepSchedule",
-    "as_schedule",
-]
-
 _UNITS = ("epoch", "step")
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ALL_SHARDED", "FLAT_SHARDED", "refuse_strategies"]
-
 #: Strategies whose parameters are flattened or partitioned (no per-tensor view).
 FLAT_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 #: Every sharded strategy.

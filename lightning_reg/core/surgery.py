@@ -22,17 +22,6 @@ from torch import nn
 
 from lightning_reg.core.compat import state_dict_metadata
 
-__all__ = [
-    "ModuleChange",
-    "SurgeryWrapper",
-    "TransparentWrapper",
-    "format_changes",
-    "hide_wrapper_level",
-    "replace_modules",
-    "restore_modules",
-    "training_flags_restored",
-]
-
 
 @contextlib.contextmanager
 def training_flags_restored(model: nn.Module) -> Iterator[list[nn.Module]]:

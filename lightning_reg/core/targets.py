@@ -11,8 +11,6 @@ import torch.nn.functional as F
 
 from lightning_reg.core.validation import check_int
 
-__all__ = ["check_labels", "to_soft_targets"]
-
 
 def check_labels(targets: torch.Tensor, num_classes: int) -> None:
     """Raise if integer ``targets`` hold a label outside ``[0, num_classes)``.

@@ -14,16 +14,6 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "check_choice",
-    "check_finite",
-    "check_int",
-    "check_non_negative",
-    "check_positive",
-    "check_probability",
-    "check_range",
-]
-
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -40,10 +30,7 @@ def check_finite(name: str, value: Any) -> float:
         TypeError: if ``value`` is not a real number.
         ValueError: if ``value`` is NaN or infinite.
     """
-    number = _as_float(name, value)
-    if not math.isfinite(number):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
-    return number
+    return check_range(name, value)
 
 
 def check_range(
