@@ -116,11 +116,6 @@ def _bchw(x: torch.Tensor, who: object) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, *x.shape[-2:])
 
 
-def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`_bchw` on ``out`` (whose ``H, W`` may differ from ``x``'s)."""
-    return out.reshape(*x.shape[:-2], *out.shape[-2:])
-
-
 def _band(size: int, start: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     """``(*start.shape, size)``: whether position ``i`` lies in ``[start, start + width)``."""
     pos = torch.arange(size, device=start.device, dtype=start.dtype)
@@ -184,12 +179,24 @@ class BatchTransform(nn.Module):
     Subclasses implement :meth:`sample_params` (draws only, from ``generator`` on ``device``)
     and :meth:`apply` (deterministic given the parameters). ``forward(x, generator)`` does both.
 
+    Args:
+        p: for subclasses that transform each sample with a probability: that probability, in
+            [0, 1], validated and stored as ``self.p``. ``None`` (default): no ``p``.
+
+    Raises:
+        ValueError: if ``p`` is outside [0, 1] or NaN.
+
     Example:
         >>> noise = GaussianNoise(0.1)  # a BatchTransform
         >>> x = torch.zeros(4, 3)
         >>> noise(x, generator=torch.Generator().manual_seed(0)).shape
         torch.Size([4, 3])
     """
+
+    def __init__(self, p: float | None = None) -> None:
+        super().__init__()
+        if p is not None:
+            self.p = check_probability("p", p)
 
     def output_shape(self, shape: Shape) -> Shape:
         """The shape of the output for an input of ``shape`` (default: unchanged)."""
@@ -296,8 +303,7 @@ class RandomHorizontalFlip(BatchTransform):
     """
 
     def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        self.p = check_probability("p", p)
+        super().__init__(p)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         return {"flip": _rand(shape[:1], generator, device) < self.p}
@@ -355,7 +361,7 @@ class RandomResizedCrop(BatchTransform):
         x1, y1 = x0 + w - 1, y0 + h - 1
         corners = torch.stack([x0, y0, x1, y0, x1, y1, x0, y1], dim=1).view(-1, 4, 2)
         out = KG.crop_and_resize(_bchw(x, self), corners, self.size, self.mode, align_corners=True)
-        return _like(out, x)
+        return out.reshape(*x.shape[:-2], *self.size)
 
 
 class RandomRotation(BatchTransform):
@@ -377,9 +383,8 @@ class RandomRotation(BatchTransform):
     """
 
     def __init__(self, degrees: float | Pair, p: float = 1.0, mode: str = "bilinear") -> None:
-        super().__init__()
+        super().__init__(p)
         self.degrees = _range("degrees", degrees, centre=0.0)
-        self.p = check_probability("p", p)
         self.mode = check_choice("mode", mode, ("bilinear", "nearest"))
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
@@ -390,7 +395,7 @@ class RandomRotation(BatchTransform):
         import kornia.geometry.transform as KG
 
         rotated = KG.rotate(_bchw(x, self), params["angle"].to(x.dtype), mode=self.mode)
-        return torch.where(_per_sample(params["apply"], x), _like(rotated, x), x)
+        return torch.where(_per_sample(params["apply"], x), rotated.reshape(x.shape), x)
 
 
 class ColorJitter(BatchTransform):
@@ -427,12 +432,11 @@ class ColorJitter(BatchTransform):
         hue: float | tuple[float, float] = 0.0,
         p: float = 1.0,
     ) -> None:
-        super().__init__()
+        super().__init__(p)
         for name, value in zip(self._FACTORS, (brightness, contrast, saturation)):
             low, high = _range(name, value, centre=1.0)
             setattr(self, name, (max(low, 0.0), high))
         self.hue = _range("hue", hue, -0.5, 0.5, centre=0.0)
-        self.p = check_probability("p", p)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         params = {k: _rand(shape[:1], generator, device, *getattr(self, k)) for k in self._FACTORS}
@@ -488,8 +492,7 @@ class RandomErasing(BatchTransform):
         ratio: tuple[float, float] = (0.3, 3.3),
         value: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.p = check_probability("p", p)
+        super().__init__(p)
         self.scale = _range("scale", scale, 0.0, 1.0, low_inclusive=False)
         self.ratio = _range("ratio", ratio, 0.0, math.inf, low_inclusive=False)
         self.value = check_range("value", value)
@@ -581,7 +584,7 @@ class RandomAffineCrop(RandomResizedCrop):
         theta = self.matrix(params, *img.shape[-2:]).to(x.dtype)
         grid = F.affine_grid(theta, [x.shape[0], 1, *self.size], align_corners=False)
         out = F.grid_sample(img, grid, self.mode, self.padding_mode, align_corners=False)
-        return _like(out, x)
+        return out.reshape(*x.shape[:-2], *self.size)
 
 
 class GaussianNoise(BatchTransform):
@@ -604,10 +607,9 @@ class GaussianNoise(BatchTransform):
     def __init__(
         self, std: float | Pair = 0.1, mean: float = 0.0, p: float = 1.0, clip: Pair | None = None
     ) -> None:
-        super().__init__()
+        super().__init__(p)
         self.std = _range("std", std, 0.0)
         self.mean = check_range("mean", mean)
-        self.p = check_probability("p", p)
         self.clip = None if clip is None else _range("clip", clip)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
@@ -664,8 +666,7 @@ class TokenMasking(BatchTransform):
         vocab_size: int | None = None,
         protected_ids: list[int] | None = None,
     ) -> None:
-        super().__init__()
-        self.p = check_probability("p", p)
+        super().__init__(p)
         self.mask_token_id = check_int("mask_token_id", mask_token_id)
         self.mask_fraction = check_probability("mask_fraction", mask_fraction)
         self.random_fraction = check_probability("random_fraction", random_fraction)
@@ -703,11 +704,10 @@ class _AxisMasking(BatchTransform):
     axis: int
 
     def __init__(self, max_width: int, num_masks: int = 1, value: float = 0.0, p: float = 1.0):
-        super().__init__()
+        super().__init__(p)
         self.max_width = check_int("max_width", max_width, 0)
         self.num_masks = check_int("num_masks", num_masks, 0)
         self.value = check_range("value", value)
-        self.p = check_probability("p", p)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         size = _hw(shape, self, "spectrograms (B, ..., freq, time)")[self.axis]

@@ -329,7 +329,7 @@ class EarlyStoppingCallback(EarlyStopping):
         self.best_weights = BestWeights()
         self._train_strip: deque[float] = deque(maxlen=self.strip_length)
         self._num_checks = 0
-        self._trainer: pl.Trainer | None = None  # set while a check runs
+        self._check_trainer: pl.Trainer | None = None  # set while a check runs
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -379,11 +379,11 @@ class EarlyStoppingCallback(EarlyStopping):
 
     @override
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
-        self._trainer = trainer  # Lightning's flow, with the Trainer at hand for our criteria
+        self._check_trainer = trainer  # Lightning's flow, with the Trainer at hand for ours
         try:
             super()._run_early_stopping_check(trainer)
         finally:
-            self._trainer = None
+            self._check_trainer = None
 
     @override
     def _validate_condition_metric(self, logs: dict[str, Tensor]) -> bool:
@@ -403,7 +403,7 @@ class EarlyStoppingCallback(EarlyStopping):
 
     @override
     def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
-        trainer, train = self._trainer, None  # no Trainer when called directly: a counted check
+        trainer, train = self._check_trainer, None  # None when called directly: a counted check
         if trainer is not None and self.criterion == "pq":
             train = float(trainer.callback_metrics[self.train_monitor])
         if trainer is not None and trainer.world_size > 1:  # every rank decides on rank 0's values

@@ -24,12 +24,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 from typing_extensions import override
 
 from lightning_reg.core.compat import foreach_clamp_min_, foreach_mul_
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.param_callback import Group, ParamCallback, resolve_params
+from lightning_reg.core.param_callback import Group, ParamCallback, Params, resolve_params
 from lightning_reg.core.params import ParamSelection, SelectedParam
 from lightning_reg.core.strategies import refuse_strategies
 from lightning_reg.core.validation import check_choice, check_positive
@@ -37,7 +36,6 @@ from lightning_reg.core.validation import check_choice, check_positive
 __all__ = ["MaxNormCallback", "WeightConstraintCallback", "max_norm_", "non_neg_", "unit_norm_"]
 
 Dim = str | int | tuple[int, ...] | None
-Params = torch.Tensor | nn.Module | Iterable[torch.Tensor]
 _CONSTRAINTS = ("max_norm", "unit_norm", "non_neg")
 
 
@@ -249,12 +247,9 @@ class WeightConstraintCallback(ParamCallback):
     def check_strategy(self, trainer: pl.Trainer) -> None:
         super().check_strategy(trainer)
         if self.dim != "unit" and self.constraint != "non_neg":
-            refuse_strategies(
-                trainer,
-                f"{type(self).__name__}(dim={self.dim!r})",
-                ("ModelParallelStrategy",),
-                "norms over dims other than the dim-0 units span shards (use dim='unit')",
-            )
+            name = f"{type(self).__name__}(dim={self.dim!r})"
+            why = "norms over dims other than the dim-0 units span shards (use dim='unit')"
+            refuse_strategies(trainer, name, ("ModelParallelStrategy",), why)
 
     @override
     def prepare(self, selected: list[SelectedParam]) -> Any:

@@ -132,29 +132,27 @@ class RegularizationMonitorCallback(ParamCallback):
             check_int("every_n_steps", every_n_steps, minimum=1)
         if num_classes is not None:
             check_int("num_classes", num_classes, minimum=2)
-        check_int("histogram_bins", histogram_bins, minimum=1)
-        check_int("ece_bins", ece_bins, minimum=1)
         if isinstance(gap_metrics, str) or not all(isinstance(m, str) for m in gap_metrics):
             raise TypeError(
                 f"`gap_metrics` must be a sequence of metric names, got {gap_metrics!r}"
             )
         if isinstance(target_key, bool) or not isinstance(target_key, (int, str)):
             raise TypeError(f"`target_key` must be an int index or a str key, got {target_key!r}")
+        super().__init__(params)
         self.every_n_steps = every_n_steps
         self.num_classes = num_classes
         self.gap_metrics = tuple(gap_metrics)
-        super().__init__(params)
         self.histograms = bool(histograms)
-        self.histogram_bins = histogram_bins
-        self.ece_bins = ece_bins
+        self.histogram_bins = check_int("histogram_bins", histogram_bins, minimum=1)
+        self.ece_bins = check_int("ece_bins", ece_bins, minimum=1)
         self.target_key = target_key
         self.train_prefix = train_prefix
         self.val_prefix = val_prefix
         #: the latest step diagnostics written to the loggers (global rank 0 only), as floats.
         self.last_metrics: dict[str, float] = {}
         self._last_step = -1
-        self._warned_gap = False
         self._val_epoch = -1
+        self._warned_gap = False
         self._ece: Any = None
         self._hook: RemovableHandle | None = None
         self._captured: torch.Tensor | None = None
@@ -171,13 +169,6 @@ class RegularizationMonitorCallback(ParamCallback):
         self._last_step = -1
 
     # ------------------------------------------------------------ step metrics
-    def _due(self, trainer: pl.Trainer) -> bool:
-        if trainer.global_step == self._last_step:
-            return False
-        if self.every_n_steps is None:
-            return is_logging_step(trainer)
-        return trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0
-
     @override
     def on_train_batch_end(
         self,
@@ -187,10 +178,15 @@ class RegularizationMonitorCallback(ParamCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not trainer.loggers or not trainer.is_global_zero or not self._due(trainer):
-            return
-        self._last_step = trainer.global_step
-        self.log_step_metrics(trainer)
+        step = trainer.global_step
+        if self.every_n_steps is None:
+            due = is_logging_step(trainer)
+        else:
+            due = step > 0 and step % self.every_n_steps == 0
+        # `step != _last_step`: once per optimizer step under gradient accumulation.
+        if due and step != self._last_step and trainer.loggers and trainer.is_global_zero:
+            self._last_step = step
+            self.log_step_metrics(trainer)
 
     @torch.no_grad()
     def _step_values(self) -> tuple[list[str], torch.Tensor | None]:
@@ -276,9 +272,7 @@ class RegularizationMonitorCallback(ParamCallback):
                         stacklevel=2,
                     )
                 continue
-            gap = train.detach().float().to(pl_module.device) - val.detach().float().to(
-                pl_module.device
-            )
+            gap = train.to(pl_module.device) - val.to(pl_module.device)
             pl_module.log(f"{PREFIX}/gap/{name}", gap, on_step=False, on_epoch=True)
 
     # ---------------------------------------------------------------- the ECE
@@ -286,14 +280,10 @@ class RegularizationMonitorCallback(ParamCallback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.num_classes is None or trainer.sanity_checking:
             return
-        if self._ece is None:
-            from torchmetrics.classification import MulticlassCalibrationError
+        from torchmetrics.classification import MulticlassCalibrationError
 
-            self._ece = MulticlassCalibrationError(
-                num_classes=self.num_classes, n_bins=self.ece_bins, norm="l1"
-            )
+        self._ece = MulticlassCalibrationError(self.num_classes, self.ece_bins, norm="l1")
         self._ece = self._ece.to(pl_module.device)
-        self._ece.reset()
         self._remove_hook()
         self._hook = pl_module.register_forward_hook(self._capture)
 
@@ -303,17 +293,6 @@ class RegularizationMonitorCallback(ParamCallback):
         # loss) after the inner `self(x)`: keep only batch-shaped outputs.
         if isinstance(output, torch.Tensor) and output.ndim >= 2:
             self._captured = output.detach()
-
-    @override
-    def on_validation_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._captured = None
 
     @override
     def on_validation_batch_end(
@@ -327,22 +306,16 @@ class RegularizationMonitorCallback(ParamCallback):
     ) -> None:
         if self._hook is None:
             return
-        logits = None
+        logits, self._captured = self._captured, None  # the next batch captures its own
         if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
             logits = outputs["logits"].detach()
-        elif self._captured is not None:
-            logits = self._captured
-        if logits is None:
+        if logits is None or logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            got = "no logits" if logits is None else f"logits of shape {tuple(logits.shape)}"
             raise RuntimeError(
-                "RegularizationMonitorCallback(num_classes=...) needs the validation logits: "
-                "call the LightningModule itself (`self(x)`) in `validation_step`, or return "
-                "{'logits': logits, ...} from it. Set `num_classes=None` to turn the ECE off."
-            )
-        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
-            raise RuntimeError(
-                f"RegularizationMonitorCallback(num_classes={self.num_classes}) got validation "
-                f"logits of shape {tuple(logits.shape)}; it needs (batch, {self.num_classes}). "
-                "Return {'logits': ...} from `validation_step` or fix `num_classes`."
+                f"RegularizationMonitorCallback(num_classes={self.num_classes}) got {got} in "
+                f"validation; it needs the validation logits as (batch, {self.num_classes}). Call "
+                "the LightningModule itself (`self(x)`) in `validation_step`, or return "
+                "{'logits': logits, ...} from it, or fix `num_classes` (None turns the ECE off)."
             )
         try:
             target = batch[self.target_key]
@@ -365,17 +338,15 @@ class RegularizationMonitorCallback(ParamCallback):
         if trainer.sanity_checking:
             return
         self._val_epoch = trainer.current_epoch
-        if self._hook is None:
-            return
-        self._remove_hook()
-        ece = self._ece.compute()  # syncs across ranks under DDP
-        pl_module.log(f"{PREFIX}/ece", ece, on_step=False, on_epoch=True, sync_dist=False)
+        if self._hook is not None:
+            self._remove_hook()
+            ece = self._ece.compute()  # syncs across ranks under DDP
+            pl_module.log(f"{PREFIX}/ece", ece, on_step=False, on_epoch=True, sync_dist=False)
 
     def _remove_hook(self) -> None:
         if self._hook is not None:
             self._hook.remove()
-            self._hook = None
-        self._captured = None
+        self._hook = self._captured = None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -384,8 +355,5 @@ class RegularizationMonitorCallback(ParamCallback):
 
 
 def _lookup(metrics: Mapping[str, Any], base: str, suffixes: Sequence[str]) -> torch.Tensor | None:
-    for suffix in suffixes:
-        value = metrics.get(base + suffix)
-        if value is not None:
-            return value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-    return None
+    value = next((metrics[base + s] for s in suffixes if base + s in metrics), None)
+    return None if value is None else torch.as_tensor(value).detach().float()

@@ -19,17 +19,16 @@ The callbacks below decide *when* they run:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 from typing_extensions import override
 
 from lightning_reg.core import compat
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.param_callback import Group, ParamCallback, resolve_params
+from lightning_reg.core.param_callback import Group, ParamCallback, Params, resolve_params
 from lightning_reg.core.params import ParamSelection, split_by_device_dtype
 from lightning_reg.core.validation import check_non_negative
 
@@ -45,8 +44,6 @@ __all__ = [
     "l2_penalty",
     "soft_threshold_",
 ]
-
-Params = torch.Tensor | nn.Module | Iterable[torch.Tensor]
 
 
 def _norm_sum(tensors: Sequence[torch.Tensor], ord: float) -> torch.Tensor:

@@ -99,6 +99,19 @@ def test_crop_boxes_follow_torchvision_rule(h, w, s0, seed):
     assert bool(ok.all())
 
 
+@pytest.mark.parametrize("h, w", [(10, 10), (9, 16), (16, 9), (7, 30)])
+@pytest.mark.parametrize("ratio", [(2.0, 3.0), (0.2, 0.4), (3 / 4, 4 / 3)])
+def test_crop_boxes_fallback_is_torchvisions_central_crop(h, w, ratio):
+    """When no candidate fits (scale 1 at a foreign aspect ratio), the central crop is used."""
+    import torchvision.transforms as T
+
+    if ratio[0] <= w / h <= ratio[1]:
+        pytest.skip("the full image fits this ratio, so a candidate fits")
+    i, j, bh, bw = T.RandomResizedCrop.get_params(torch.zeros(1, h, w), (1.0, 1.0), ratio)
+    boxes = sample_crop_boxes(8, h, w, (1.0, 1.0), ratio, gen())
+    assert torch.equal(boxes, torch.tensor([[j, i, bw, bh]] * 8, dtype=torch.float32))
+
+
 def test_random_resized_crop_kornia_full_box_is_identity():
     x = torch.rand(2, 3, 8, 8, generator=gen())
     out = RandomResizedCrop(8).apply(x, {"box": torch.tensor([[0, 0, 8, 8]] * 2).float()})

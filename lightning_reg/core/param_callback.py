@@ -24,16 +24,18 @@ from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
 from lightning_reg.core.params import ParamSelection, SelectedParam
 from lightning_reg.core.strategies import FLAT_SHARDED, refuse_strategies
 
-__all__ = ["Group", "ParamCallback", "resolve_params"]
+__all__ = ["Group", "ParamCallback", "Params", "resolve_params"]
 
 #: An optimizer param group (for its ``lr``) and what :meth:`ParamCallback.prepare` made of
 #: the selected parameters in it.
 Group = tuple[dict[str, Any], Any]
 
 
-def resolve_params(
-    params: torch.Tensor | nn.Module | Iterable[torch.Tensor],
-) -> list[SelectedParam]:
+#: What the pure functions accept: a tensor, an iterable of tensors, or a module.
+Params = torch.Tensor | nn.Module | Iterable[torch.Tensor]
+
+
+def resolve_params(params: Params) -> list[SelectedParam]:
     """What a pure function acts on: a tensor, an iterable of tensors, or a module's "weights"."""
     if isinstance(params, nn.Module):
         return ParamSelection("weights").select(params, allow_empty=True)
