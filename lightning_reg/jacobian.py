@@ -233,25 +233,24 @@ def input_gradient_penalty(
 # --------------------------------------------------------------------------- Lightning mixins
 
 
-def _amp_grad_scale(module: Any) -> Tensor | float | None:
-    """The fp16 ``GradScaler``'s current scale (a tensor: no host sync), or ``None``."""
-    plugin = getattr(compat.attached_trainer(module), "precision_plugin", None)
-    scaler = getattr(plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return None
-    scale = compat.grad_scaler_scale(scaler)
-    # before the first `scaler.scale(loss)` there is no scale tensor yet: the initial scale
-    return float(scaler.get_scale()) if scale is None else scale.detach().float()
-
-
 def _weighted(
     module: Any, weight: float, key: str, penalty: Callable[..., Tensor], *args: Tensor, **kw: Any
 ) -> Tensor:
-    """``weight · penalty(*args, grad_scale=..., **kw)``, logged unweighted as ``key``."""
+    """``weight · penalty(*args, grad_scale=..., **kw)``, logged unweighted as ``key``.
+
+    ``grad_scale`` is the fp16 ``GradScaler``'s current scale (a tensor: no host sync), or
+    ``None`` without one.
+    """
     if weight == 0.0:
         return args[-1].new_zeros((), dtype=torch.float32)
-    value = penalty(*args, grad_scale=_amp_grad_scale(module), **kw)
     trainer = compat.attached_trainer(module)
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    scale = None
+    if scaler is not None and scaler.is_enabled():
+        scale = compat.grad_scaler_scale(scaler)
+        # before the first `scaler.scale(loss)` there is no scale tensor yet: the initial scale
+        scale = float(scaler.get_scale()) if scale is None else scale.detach().float()
+    value = penalty(*args, grad_scale=scale, **kw)
     if getattr(trainer, "training", False) and is_logging_step(trainer):
         log_scalars(module, {key: value})
     return weight * value

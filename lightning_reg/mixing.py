@@ -56,10 +56,10 @@ Params = dict[str, Any]
 
 
 def _weights(lam: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
-    if isinstance(lam, torch.Tensor):
-        lam = lam.to(device=like.device, dtype=like.dtype)
-        return lam.view(-1, *([1] * (like.ndim - 1))) if lam.numel() > 1 else lam.reshape(())
-    return lam
+    """``λ`` (a float, one value or one per sample) broadcastable against ``like``."""
+    if not isinstance(lam, torch.Tensor):
+        return lam
+    return lam.to(like).view(-1, *([1] * (like.ndim - 1)))  # (1,) or (B,) -> (1 or B, 1, ...)
 
 
 def mixup(
@@ -154,9 +154,9 @@ def cutmix(
 
 
 def _beta(alpha: float, n: int, device: torch.device) -> torch.Tensor:
-    """``n`` draws of ``Beta(α, α)`` from the global RNG of ``device`` (no host sync)."""
+    """``n`` draws of ``Beta(α, α)`` from the global RNG of ``device`` (ones for ``α = 0``)."""
     c = torch.full((n,), alpha, device=device)
-    return torch.distributions.Beta(c, c, validate_args=False).sample()
+    return torch.distributions.Beta(c, c, validate_args=False).sample() if alpha > 0 else c + 1
 
 
 def sample_beta(
@@ -298,10 +298,6 @@ class MixUpCutMixCallback(Callback):
             self.rng.setup(trainer)
             self._first_step = True
 
-    def is_active(self, epoch: int) -> bool:
-        """Whether mixing happens in ``epoch`` (``until_epoch`` is exclusive)."""
-        return self.until_epoch is None or epoch < self.until_epoch
-
     def sample_params(self, shape: tuple[int, ...], device: torch.device) -> Params:
         """Draw one step's ``perm``, ``λ`` targets, CutMix choice and boxes (global RNG).
 
@@ -314,14 +310,8 @@ class MixUpCutMixCallback(Callback):
         u = torch.rand((2, n), device=dev)
         active = u[0] < self.p
         both = self.mixup_alpha > 0 and self.cutmix_alpha > 0
-        cut = (
-            u[1] < self.switch_prob if both else torch.full((n,), self.cutmix_alpha > 0, device=dev)
-        )
-        lam = torch.ones(n, device=dev)
-        if self.mixup_alpha > 0:
-            lam = torch.where(cut, lam, _beta(self.mixup_alpha, n, dev))
-        if self.cutmix_alpha > 0:
-            lam = torch.where(cut, _beta(self.cutmix_alpha, n, dev), lam)
+        cut = u[1] < (self.switch_prob if both else float(self.cutmix_alpha > 0))  # u < 1 always
+        lam = torch.where(cut, _beta(self.cutmix_alpha, n, dev), _beta(self.mixup_alpha, n, dev))
         params: Params = {"perm": perm, "lam": torch.where(active, lam, 1.0), "cut": cut}
         if self.cutmix_alpha > 0:
             if len(shape) < 3:
@@ -329,7 +319,7 @@ class MixUpCutMixCallback(Callback):
                     f"CutMix needs inputs with two spatial dims (B, ..., H, W), got shape {shape}."
                     " Use MixUpCallback for vector inputs."
                 )
-            lam_c = torch.where(cut, params["lam"], 1.0)
+            lam_c = torch.where(cut, params["lam"], 1.0)  # 1: an empty box
             params["boxes"] = cutmix_boxes(lam_c, shape[-2], shape[-1])
         params["skip"] = self.mode == "batch" and not bool(active)
         return params
@@ -339,20 +329,16 @@ class MixUpCutMixCallback(Callback):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(x̃, ỹ, λ)`` for soft targets, with the drawn ``params``."""
         perm, lam, cut = params["perm"], params["lam"], params["cut"]
-        if self.mode == "batch":
-            only = "cutmix" if bool(cut) else "mixup"
-        else:
-            only = "mixup" if self.cutmix_alpha == 0 else "cutmix" if self.mixup_alpha == 0 else ""
-        if only != "cutmix":
-            xm, ym = mixup(x, soft, lam, perm)
-            if only:
-                return xm, ym, lam
-        xc, yc, lam_c = cutmix(x, soft, params["boxes"], perm)
-        if only:
-            return xc, yc, lam_c
-        c = cut.view(-1, *([1] * (x.ndim - 1)))
-        c_y = cut.view(-1, *([1] * (ym.ndim - 1)))
-        return torch.where(c, xc, xm), torch.where(c_y, yc, ym), torch.where(cut, lam_c, lam)
+        # `mode="batch"`: one method for the whole batch, chosen by a CPU draw (no device sync).
+        if self.cutmix_alpha == 0 or (self.mode == "batch" and not bool(cut)):
+            return (*mixup(x, soft, lam, perm), lam)
+        x_cut, y_cut, lam_cut = cutmix(x, soft, params["boxes"], perm)
+        if self.mixup_alpha == 0 or self.mode == "batch":
+            return x_cut, y_cut, lam_cut
+        x_mix, y_mix = mixup(x, soft, lam, perm)  # per sample: CutMix where `cut`, else MixUp
+        x_out = torch.where(_weights(cut, x) > 0, x_cut, x_mix)
+        y_out = torch.where(_weights(cut, soft) > 0, y_cut, y_mix)
+        return x_out, y_out, torch.where(cut, lam_cut, lam)
 
     def soft_targets(self, y: torch.Tensor) -> torch.Tensor:
         """``y`` as smoothed soft targets; the label range is checked on the first call."""
@@ -378,8 +364,7 @@ class MixUpCutMixCallback(Callback):
         soft = self.soft_targets(y)
         _, step_seed = self.rng.next(x.device)
         with seeded_global_rng(step_seed, x.device):
-            params = self.sample_params(tuple(x.shape), x.device)
-        self.last_params = params
+            params = self.last_params = self.sample_params(tuple(x.shape), x.device)
         if params["skip"]:
             return x, soft
         with torch.no_grad():
@@ -390,7 +375,7 @@ class MixUpCutMixCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self.is_active(trainer.current_epoch):
+        if self.until_epoch is not None and trainer.current_epoch >= self.until_epoch:
             if self.label_smoothing > 0:
                 self.target.set(batch, self.soft_targets(self.target.get(batch)))
             return
@@ -398,8 +383,8 @@ class MixUpCutMixCallback(Callback):
         self.input.set(batch, x_mix)
         self.target.set(batch, y_mix)
         if is_logging_step(trainer):
-            lam = self.last_params["lam"]  # type: ignore[index]
-            log_scalars(pl_module, {f"reg/{self.technique}/lambda": lam.float().mean()})
+            lam = self.last_params["lam"].float().mean()  # type: ignore[index]
+            log_scalars(pl_module, {f"reg/{self.technique}/lambda": lam})
 
     @override
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:

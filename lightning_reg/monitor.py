@@ -133,9 +133,7 @@ class RegularizationMonitorCallback(ParamCallback):
         if num_classes is not None:
             check_int("num_classes", num_classes, minimum=2)
         if isinstance(gap_metrics, str) or not all(isinstance(m, str) for m in gap_metrics):
-            raise TypeError(
-                f"`gap_metrics` must be a sequence of metric names, got {gap_metrics!r}"
-            )
+            raise TypeError(f"`gap_metrics` must be a sequence of str, got {gap_metrics!r}")
         if isinstance(target_key, bool) or not isinstance(target_key, (int, str)):
             raise TypeError(f"`target_key` must be an int index or a str key, got {target_key!r}")
         super().__init__(params)
@@ -158,9 +156,7 @@ class RegularizationMonitorCallback(ParamCallback):
         self._captured: torch.Tensor | None = None
 
     refused = ALL_SHARDED
-    refusal_reason = (
-        "the norms and sparsity of local shards are not the layers' (they would need an all-reduce)"
-    )
+    refusal_reason = "the norms of local shards are not the layers' (they would need an all-reduce)"
     needs_optimizer = False
 
     @override
@@ -179,10 +175,8 @@ class RegularizationMonitorCallback(ParamCallback):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
-        if self.every_n_steps is None:
-            due = is_logging_step(trainer)
-        else:
-            due = step > 0 and step % self.every_n_steps == 0
+        every = self.every_n_steps
+        due = is_logging_step(trainer) if every is None else step > 0 and step % every == 0
         # `step != _last_step`: once per optimizer step under gradient accumulation.
         if due and step != self._last_step and trainer.loggers and trainer.is_global_zero:
             self._last_step = step
@@ -215,7 +209,7 @@ class RegularizationMonitorCallback(ParamCallback):
     def _histograms(self) -> dict[str, Any]:
         import wandb
 
-        selected = self.selected(self._module) if self._module is not None else []
+        selected = self.selected(self._module)  # type: ignore[arg-type]
         flat = [s.param.float().flatten() for s in selected]
         # NaN/inf are left out: the range is that of the finite entries, and histc drops the rest.
         lo = torch.stack([v.masked_fill(~v.isfinite(), math.inf).amin() for v in flat]).tolist()
@@ -239,15 +233,14 @@ class RegularizationMonitorCallback(ParamCallback):
         nonfinite = 0
         if not math.isfinite(metrics[f"{PREFIX}/norm/total"]):  # rare: count them on the host
             params = [s.param for s in self.selected(self._module)]  # type: ignore[arg-type]
-            nonfinite = sum(int(p.numel() - torch.isfinite(p).sum()) for p in params)
+            nonfinite = sum(p.numel() - int(p.isfinite().sum()) for p in params)
         metrics[f"{PREFIX}/nonfinite"] = float(nonfinite)
         self.last_metrics = metrics
         wandb = any(isinstance(logger, WandbLogger) for logger in trainer.loggers)
         hists = self._histograms() if self.histograms and wandb else {}
-        step = batches_that_stepped(trainer)
         for logger in trainer.loggers:
             extra = hists if isinstance(logger, WandbLogger) else {}
-            logger.log_metrics({**metrics, **extra}, step=step)
+            logger.log_metrics({**metrics, **extra}, step=batches_that_stepped(trainer))
         return metrics
 
     # ----------------------------------------------------------------- the gap
@@ -260,17 +253,17 @@ class RegularizationMonitorCallback(ParamCallback):
             train = _lookup(metrics, self.train_prefix + name, ("_epoch", "", "_step"))
             val = _lookup(metrics, self.val_prefix + name, ("", "_epoch"))
             if train is None or val is None:
+                missing = self.train_prefix + name if train is None else self.val_prefix + name
                 if not self._warned_gap:
-                    self._warned_gap = True
-                    missing = self.train_prefix + name if train is None else self.val_prefix + name
                     warnings.warn(
                         f"RegularizationMonitorCallback(gap_metrics={list(self.gap_metrics)}) "
                         f"found no {missing!r} in trainer.callback_metrics (logged: "
                         f"{sorted(metrics)}), so it logs no gap for {name!r}. Log it with "
-                        f"`self.log({missing!r}, ...)`, or change `gap_metrics` / "
-                        "`train_prefix` / `val_prefix` (`gap_metrics=()` turns this off).",
+                        f"`self.log({missing!r}, ...)`, or change `gap_metrics` / `train_prefix`"
+                        " / `val_prefix` (`gap_metrics=()` turns this off).",
                         stacklevel=2,
                     )
+                self._warned_gap = True
                 continue
             gap = train.to(pl_module.device) - val.to(pl_module.device)
             pl_module.log(f"{PREFIX}/gap/{name}", gap, on_step=False, on_epoch=True)
@@ -282,8 +275,7 @@ class RegularizationMonitorCallback(ParamCallback):
             return
         from torchmetrics.classification import MulticlassCalibrationError
 
-        self._ece = MulticlassCalibrationError(self.num_classes, self.ece_bins, norm="l1")
-        self._ece = self._ece.to(pl_module.device)
+        self._ece = MulticlassCalibrationError(self.num_classes, self.ece_bins).to(pl_module.device)
         self._remove_hook()
         self._hook = pl_module.register_forward_hook(self._capture)
 
@@ -326,9 +318,8 @@ class RegularizationMonitorCallback(ParamCallback):
         if not isinstance(target, torch.Tensor) or target.shape[0] != logits.shape[0]:
             raise RuntimeError(
                 f"RegularizationMonitorCallback found no targets for the {logits.shape[0]} "
-                f"validation logits at target_key={self.target_key!r} of a "
-                f"{type(batch).__name__} batch. Set `target_key` to the index or dict key of the "
-                "targets, return {'logits': logits} from `validation_step`, or set "
+                f"validation logits at target_key={self.target_key!r} of a {type(batch).__name__}"
+                " batch. Set `target_key` to the index or dict key of the targets, or set "
                 "`num_classes=None` to turn the ECE off."
             )
         self._ece.update(logits.float().softmax(dim=1), target.long())
@@ -341,7 +332,7 @@ class RegularizationMonitorCallback(ParamCallback):
         if self._hook is not None:
             self._remove_hook()
             ece = self._ece.compute()  # syncs across ranks under DDP
-            pl_module.log(f"{PREFIX}/ece", ece, on_step=False, on_epoch=True, sync_dist=False)
+            pl_module.log(f"{PREFIX}/ece", ece, on_epoch=True, on_step=False)
 
     def _remove_hook(self) -> None:
         if self._hook is not None:

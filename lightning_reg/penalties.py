@@ -354,5 +354,4 @@ class ElasticNetCallback(WeightPenaltyCallback):
         proximal: bool = False,
         params: str | ParamSelection = "weights",
     ) -> None:
-        check_non_negative("l1", l1)
         super().__init__(l1=l1, l2=l2, proximal=proximal and l1 > 0, params=params)

@@ -313,7 +313,7 @@ def test_shape_changing_block_raises_at_first_forward_even_if_dropped():
     wrapped.generator = torch.Generator().manual_seed(0)
     with pytest.raises(RuntimeError, match=r"shape-preserving.*\(3, 4\) to \(3, 8\)"):
         wrapped(torch.randn(3, 4))
-    # The check ran on the meta device: the real BatchNorm statistics are untouched.
+    # The check ran in eval mode without gradients: the BatchNorm statistics are untouched.
     assert int(block[1].num_batches_tracked) == 0
     with pytest.raises(RuntimeError, match="shape-preserving"):
         StochasticDepthWrapper(nn.Linear(4, 8), 0.5).eval()(torch.randn(3, 4))
@@ -595,6 +595,26 @@ def test_row_mode_on_real_layers_equals_masked_full_compute(name):
     out = out[0] if isinstance(out, tuple) else out
     mask = keep.view(4, *[1] * (x.dim() - 1))
     torch.testing.assert_close(out, x + mask * (full - x) / 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_row_mode_seq_first_torch_layer_slices_padding_mask_not_shared_mask():
+    """torch's default layout (batch_first=False, batch dim 1) with sequence length == batch:
+    the batch-first ``src_key_padding_mask`` is sliced along dim 0 and the shared ``(S, S)``
+    ``src_mask`` is not sliced, so the result equals computing every row and masking."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0).eval()
+    x = torch.randn(4, 4, 8)  # (S, B, E) with S == B
+    pad = torch.zeros(4, 4, dtype=torch.bool)
+    pad[0, 3:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(4)
+    wrapper = StochasticDepthWrapper(layer, 0.5, mode="row")
+    assert wrapper.batch_dim == 1
+    keep = torch.tensor([True, False, True, True])
+    kwargs = {"src_mask": causal, "src_key_padding_mask": pad}
+    with torch.no_grad():
+        out = stochastic_depth(layer, x, keep, 0.5, batch_dim=1, **kwargs)
+        full = layer(x, **kwargs)
+    torch.testing.assert_close(out, x + keep[:, None] * (full - x) / 0.5, rtol=1e-5, atol=1e-5)
 
 
 def test_tuple_output_hidden_state_scaled_rest_passed_through():
