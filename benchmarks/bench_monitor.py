@@ -5,9 +5,10 @@
   ``log_every_n_steps=50``); time per step. Target: ≤ 1.05×.
 * fit, every step: the same with ``every_n_steps=1``, the worst case (norms, sparsity and the
   logger write at every step).
-* one computation: ``compute_step_metrics()`` alone (one ``_foreach_norm`` for the norms, one
-  for the non-zero counts) against one plain forward/backward/SGD step of the same model, and
-  against the naive per-parameter loop (``p.norm()`` and ``(p == 0).sum().item()`` per weight).
+* one computation: ``compute_step_metrics()`` alone (one ``_foreach_norm`` for the norms,
+  ``count_nonzero`` for the non-zero counts, the selection check included) against one plain
+  forward/backward/SGD step of the same model, and against the naive per-parameter loop
+  (``p.norm()`` and ``(p == 0).sum().item()`` per weight).
 
 Everything runs on one CPU thread (the model is tiny). Run:
 ``python -m benchmarks.bench_monitor [--quick]``.

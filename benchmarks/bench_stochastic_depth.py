@@ -10,6 +10,8 @@ the SGD update over all parameters are not skipped).
   ``StochasticDepth(mode="batch")`` (block always computed, multiplied by a 0/1 mask);
 * ours ``mode="row"`` vs timm's ``DropPath`` (per-sample mask; torchvision's ``mode="row"`` is
   the same algorithm);
+* the batch-mode row again at width 256 (batch 256; not with ``--quick``), where a block is cheap
+  and the wrapper's per-block Python work shows (issue 12's target, >= 1.25x);
 * activation memory: bytes of the tensors autograd saves for backward during one forward
   (``torch.autograd.graph.saved_tensors_hooks``, mean over several forwards; parameters are
   not counted). On CUDA, the peak memory of a train step above the resting state (parameters,

@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 from typing_extensions import override
 
 from lightning_reg.core.compat import foreach_clamp_min_, foreach_mul_
@@ -50,37 +51,48 @@ class _Bucket:
     """Tensors of one (device, dtype), the dims each reduces over, and two flat buffers (unit norms
     in float32 or wider, scales in the tensors' dtype) whose slices view each tensor's units.
 
-    It holds weak references, so a cached plan keeps no tensor alive.
+    Tensor subclasses (``DTensor`` shards under FSDP2) get no buffers: their norms are
+    concatenated and their scales split at each step instead. A bucket holds weak references, so
+    a cached plan keeps no tensor alive.
     """
 
     def __init__(self, items: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
         self.refs = [weakref.ref(t) for t, _ in items]
         self.dims = [dims for _, dims in items]
-        shapes = [[1 if d in dims else n for d, n in enumerate(t.shape)] for t, dims in items]
-        sizes = [math.prod(shape) for shape in shapes]
+        self.shapes = [[1 if d in dims else n for d, n in enumerate(t.shape)] for t, dims in items]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
         t = items[0][0]
-        acc = torch.promote_types(t.dtype, torch.float32)
-        self.norms = torch.empty(sum(sizes), device=t.device, dtype=acc)
-        self.scales = torch.empty(sum(sizes), device=t.device, dtype=t.dtype)
-        self.norm_views = [v.view(s) for v, s in zip(self.norms.split(sizes), shapes)]
-        self.scale_views = [v.view(s) for v, s in zip(self.scales.split(sizes), shapes)]
+        self.dtype, self.acc = t.dtype, torch.promote_types(t.dtype, torch.float32)
+        self.norm_views: list[torch.Tensor | None] = [None] * len(items)
+        self.scale_views: list[torch.Tensor] = []
+        if all(type(t) in (torch.Tensor, nn.Parameter) for t, _ in items):
+            self.norms = torch.empty(sum(self.sizes), device=t.device, dtype=self.acc)
+            self.scales = torch.empty(sum(self.sizes), device=t.device, dtype=t.dtype)
+            self.norm_views = self._views(self.norms)
+            self.scale_views = self._views(self.scales)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [v.view(s) for v, s in zip(flat.split(self.sizes), self.shapes)]
 
     @torch.no_grad()
     def rescale_(self, radius: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale each unit whose finite norm exceeds ``radius`` onto it (``None``: each finite
         non-zero unit to norm 1), in place; return ``(norms, scales)``."""
         tensors = [ref() for ref in self.refs]
-        for t, dims, out in zip(tensors, self.dims, self.norm_views):
-            src = t if dims else t.unsqueeze(-1)  # no dims: each element is its own unit
+        norms = [
+            # no dims: each element is its own unit
             torch.linalg.vector_norm(
-                src, dim=dims or -1, keepdim=bool(dims), dtype=out.dtype, out=out
+                t if d else t.unsqueeze(-1), dim=d or -1, keepdim=bool(d), dtype=self.acc, out=out
             )
-        norms = self.norms
-        outside = torch.isfinite(norms) & (norms > (radius or 0.0))
-        scales = torch.where(outside, (radius or 1.0) / norms, 1.0)
-        self.scales.copy_(scales)
-        foreach_mul_(tensors, self.scale_views)
-        return norms, scales
+            for t, d, out in zip(tensors, self.dims, self.norm_views)
+        ]
+        flat = self.norms if self.scale_views else torch.cat([n.reshape(-1) for n in norms])
+        outside = torch.isfinite(flat) & (flat > (radius or 0.0))
+        scales = torch.where(outside, (radius or 1.0) / flat, 1.0)
+        if self.scale_views:
+            self.scales.copy_(scales)
+        foreach_mul_(tensors, self.scale_views or self._views(scales.to(self.dtype)))
+        return flat, scales
 
 
 def _plan(selected: Iterable[SelectedParam], dim: Dim) -> list[_Bucket]:

@@ -24,8 +24,8 @@ key                                     what                                    
 ======================================  ==========================================  ==============
 
 The step diagnostics are computed only on logging steps (Lightning's ``log_every_n_steps``, or
-``every_n_steps``), with one foreach norm kernel for the norms and one for the non-zero counts
-(accumulated in float32 or wider), and a single device-to-host copy of the results. The
+``every_n_steps``), with one foreach norm kernel for the norms (accumulated in float32 or
+wider), exact integer non-zero counts, and a single device-to-host copy of the results. The
 selection is resolved again when what is trainable changes (``BackboneFinetuning``). Like
 Lightning's own ``LearningRateMonitor``, they are written straight to ``trainer.loggers`` (so
 every logger receives them, with Lightning's step counter); the epoch quantities (gap, ECE) go

@@ -74,8 +74,8 @@ _TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _LAYER_STACKS = ("layer", "layers", "h", "blocks", "block")
 #: torch transformer masks of shape ``(L, S)``: one for the whole batch, never sliced.
 _SHARED_MASKS = ("src_mask", "tgt_mask", "memory_mask")
-#: Uniform draws taken ahead from each decision generator (see ``_uniform``); cleared by the
-#: callback whenever it reseeds the generator.
+#: Uniform draws taken ahead from each decision generator (see ``_uniform``); cleared by
+#: ``StochasticDepthWrapper.reset_counts``, which the callback calls after each reseed.
 _UNIFORMS: weakref.WeakKeyDictionary[torch.Generator, list[float]] = weakref.WeakKeyDictionary()
 
 
@@ -348,7 +348,8 @@ class StochasticDepthWrapper(SurgeryWrapper):
             seq_first = isinstance(block, _TORCH_LAYERS) and not block.self_attn.batch_first
             batch_dim = 1 if seq_first else 0
         self.batch_dim = check_int("batch_dim", batch_dim, minimum=0)
-        #: CPU generator for the decisions (``None``: torch's global CPU RNG).
+        #: CPU generator for the decisions (``None``: torch's global CPU RNG). Batch mode takes its
+        #: draws 64 at a time: after reseeding it by hand, call :meth:`reset_counts`.
         self.generator: torch.Generator | None = None
         #: ``(l, L)``: position among the candidate blocks, set by :func:`apply_stochastic_depth`.
         self.depth_position: tuple[int, int] | None = None
@@ -375,8 +376,11 @@ class StochasticDepthWrapper(SurgeryWrapper):
             return getattr(self.block, name)
 
     def reset_counts(self) -> None:
-        """Zero the drawn/dropped counters (the callback does it each step)."""
+        """Zero the drawn/dropped counters and discard the batch-mode draws taken ahead from
+        ``generator`` (the callback does both at each step, after reseeding the generator)."""
         self.drawn = self.dropped = 0
+        if self.generator is not None:
+            _UNIFORMS.pop(self.generator, None)
 
     def _seen(self, x: torch.Tensor, y: Any) -> Any:
         """Check the block's first output and remember whether it returns a tuple."""
@@ -719,7 +723,6 @@ class StochasticDepthCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         generator, _ = self.rng.next(torch.device("cpu"))
-        _UNIFORMS.pop(generator, None)  # draws taken ahead under the previous seed
         for wrapper in self._wrappers:
             wrapper.generator = generator
             wrapper.reset_counts()

@@ -285,3 +285,17 @@ def test_function_plan_is_reused_only_for_the_same_live_tensors():
     v = torch.tensor([[0.0, 5.0]])
     max_norm_(v, 2.0)
     torch.testing.assert_close(v, torch.tensor([[0.0, 2.0]]))
+
+
+def test_tensor_subclasses_take_the_unbuffered_path_with_the_same_result():
+    class Sub(torch.Tensor):  # stands in for DTensor shards, which a flat buffer cannot view
+        pass
+
+    torch.manual_seed(0)
+    plain = torch.randn(4, 3, 2) * 3
+    sub = torch.Tensor._make_subclass(Sub, plain.clone())
+    stats = max_norm_([plain, torch.randn(5) * 3], 1.0, return_stats=True)
+    sub_stats = max_norm_([sub, torch.randn(5) * 3], 1.0, return_stats=True)
+    torch.testing.assert_close(torch.Tensor(sub), plain)
+    assert stats is not None and sub_stats is not None
+    assert float(sub_stats["units"]) == float(stats["units"]) == 4 + 5
