@@ -212,7 +212,7 @@ def run(quick: bool = False, device: str | None = None) -> list[Row]:
         ),
     ]
     if not quick:
-        rows.append(_small_width_row(device, synced, repeats=max(repeats, 15)))
+        rows.append(_small_width_row(device, synced, repeats=max(repeats, 40)))
     mb = {k: _saved_bytes(m, x, forwards) / 2**20 for k, m in models.items()}
     for mode, base, base_name in (
         ("batch", "torchvision_batch", "torchvision StochasticDepth batch"),

@@ -38,7 +38,7 @@ from typing_extensions import override
 
 from lightning_reg.core.compat import DropoutBase
 from lightning_reg.core.logging import is_logging_step, log_scalars
-from lightning_reg.core.schedules import Schedule, as_schedule
+from lightning_reg.core.schedules import ConstantSchedule, Schedule, as_schedule
 from lightning_reg.core.surgery import (
     ModuleChange,
     TransparentWrapper,
@@ -659,8 +659,12 @@ class DropoutCallback(pl.Callback):
                 f"`schedule` (a Schedule); got p={p!r}, schedule={schedule!r}"
             )
         self.schedule = as_schedule(_check_p(p) if schedule is None else schedule, "schedule")
+        if isinstance(self.schedule, ConstantSchedule):
+            _check_p(self.schedule.value_)
         if isinstance(apply_to, str):
             apply_to = [apply_to]
+        if apply_to is not None and not all(isinstance(glob, str) for glob in apply_to):
+            raise TypeError(f"`apply_to` must be a list of str globs, got {apply_to!r}")
         self.apply_to = None if apply_to is None else list(apply_to)
         self.insert = bool(insert)
         self._dropouts: list[nn.Module] = []

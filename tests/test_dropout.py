@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_reg.core.schedules import LinearSchedule
+from lightning_reg.core.schedules import ConstantSchedule, LinearSchedule
 from lightning_reg.dropout import (
     CurriculumDropoutSchedule,
     DropoutAfter,
@@ -606,3 +606,10 @@ def test_add_dropout_skips_layers_torch_reads_directly() -> None:
     with torch.no_grad():
         assert model.eval()(x).shape == (2, 3, 3)
     assert model.train()(x).shape == (2, 3, 3)
+
+
+def test_dropout_callback_refuses_bad_rate_and_globs_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"p.*\[0, 1\).*1\.5"):
+        DropoutCallback(schedule=ConstantSchedule(1.5))
+    with pytest.raises(TypeError, match=r"apply_to.*str globs"):
+        DropoutCallback(0.1, apply_to=["model.*", 3])
