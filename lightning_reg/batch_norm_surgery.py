@@ -99,8 +99,7 @@ def add_batch_norm(
         ['0']
     """
     types = (after,) if isinstance(after, type) else tuple(after)
-    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, _FOLLOWED))]
-    if bad or not types:
+    if not types or not all(isinstance(t, type) and issubclass(t, _FOLLOWED) for t in types):
         raise TypeError(f"`after` must be Linear/Conv1d/Conv2d/Conv3d types, got {after!r}")
     if any(isinstance(m, BatchNormAfter) for m in model.modules()):
         raise RuntimeError(

@@ -89,6 +89,9 @@ _DROPOUT_KINDS: dict[str, type[nn.Module]] = {
 }
 
 
+_Types = tuple[type[nn.Module], ...] | type[nn.Module]  # one module type or several
+
+
 def _check_p(p: Any) -> float:
     """A drop probability in [0, 1): p = 1 would zero everything and divide by 0."""
     return check_probability("p", p, allow_one=False)
@@ -196,15 +199,8 @@ def add_dropout(
 
 
 def _insert(
-    model: nn.Module,
-    p: float,
-    kind: str,
-    types: tuple[type[nn.Module], ...] | type[nn.Module],
-    cls: type[_DropoutWrapper],
-    arg: str,
+    model: nn.Module, p: float, kind: str, types: _Types, cls: type[_DropoutWrapper], arg: str
 ) -> list[ModuleChange]:
-    p = _check_p(p)
-    check_choice("kind", kind, _DROPOUT_KINDS)
     types = (types,) if isinstance(types, type) else tuple(types)
     if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
         raise TypeError(f"`{arg}` must be a non-empty tuple of nn.Module types, got {types!r}")
@@ -337,9 +333,8 @@ class EarlyDropoutSchedule(Schedule):
         self.ramp = check_choice("ramp", ramp, ("constant", "linear"))
 
     def at(self, t: int) -> float:
-        if t >= self.until:
-            return 0.0
-        return self.p * (1.0 - max(t, 0) / self.until) if self.ramp == "linear" else self.p
+        ramp = 1.0 - max(t, 0) / self.until if self.ramp == "linear" else 1.0
+        return self.p * ramp if t < self.until else 0.0
 
 
 class CurriculumDropoutSchedule(Schedule):
@@ -591,8 +586,6 @@ class MCDropoutMixin:
                 ``max_batch_elements``, ``classifier``, ``output``, ``return_samples``);
                 ``classifier=None`` or absent: ``mc_classifier``.
         """
-        if not isinstance(self, nn.Module):
-            raise RuntimeError("MCDropoutMixin must be mixed into an nn.Module/LightningModule")
         if kwargs.get("classifier") is None:
             kwargs["classifier"] = self.mc_classifier
         n_samples = self.mc_n_samples if n_samples is None else n_samples

@@ -68,8 +68,7 @@ def generalization_loss(current: float, best: float) -> float:
     """
     if not (best > 0 and math.isfinite(best)):
         raise ValueError(
-            "Prechelt's generalization loss needs a positive, finite error metric (a loss or an "
-            f"error rate); the best value so far is {best!r}"
+            f"Prechelt's GL needs a positive, finite error (a loss or error rate); best: {best!r}"
         )
     return 100.0 * (current / best - 1.0)
 
@@ -89,8 +88,7 @@ def training_progress(strip: Sequence[float]) -> float:
     """
     if not strip or not (min(strip) > 0 and all(math.isfinite(v) for v in strip)):
         raise ValueError(
-            "Prechelt's training progress needs a non-empty strip of positive, finite training "
-            f"errors; got the strip {list(strip)!r}"
+            f"Prechelt's training progress needs positive, finite errors; got {list(strip)}"
         )
     return 1000.0 * (sum(strip) / (len(strip) * min(strip)) - 1.0)
 
@@ -156,10 +154,7 @@ class BestWeights:
                 for k, v in source.items()
             }
         for k, v in source.items():
-            if isinstance(v, Tensor):
-                self.state[k].copy_(v)
-            else:
-                self.state[k] = copy.deepcopy(v)
+            self.state[k] = self.state[k].copy_(v) if isinstance(v, Tensor) else copy.deepcopy(v)
         self.saves += 1
 
     def restore(self, module: torch.nn.Module) -> None:
@@ -170,20 +165,18 @@ class BestWeights:
                 saved names, shapes and dtypes (it was changed after the save); nothing is
                 loaded then.
         """
-        state = self.state
-        if state is None:
+        if self.state is None:
             raise RuntimeError("BestWeights.restore: nothing was saved yet; call `save` first")
-        now, saved = _layout(module.state_dict()), _layout(state)
+        now, saved = _layout(module.state_dict()), _layout(self.state)
         differ = sorted(k for k in now.keys() | saved.keys() if now.get(k, 0) != saved.get(k, 0))
         if differ:
             raise RuntimeError(
                 f"cannot restore the best weights: the model changed after they were saved "
                 f"({len(differ)} state-dict entries differ in name, shape or dtype, e.g. "
-                f"{differ[:3]}): something modified the model mid-fit, e.g. a callback that wraps "
-                "or replaces layers after the first validation. Apply model surgery in `setup` or "
-                "before `fit`, or pass `restore_best_weights=False`."
+                f"{differ[:3]}), e.g. by a callback that wraps or replaces layers mid-fit. Apply "
+                "model surgery in `setup` or before `fit`, or pass `restore_best_weights=False`."
             )
-        module.load_state_dict(state)
+        module.load_state_dict(self.state)
 
 
 class EarlyStoppingCallback(EarlyStopping):
@@ -334,14 +327,13 @@ class EarlyStoppingCallback(EarlyStopping):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        who = "EarlyStoppingCallback(restore_best_weights=True)"
+        why = (
+            "keeping the best weights needs the full, unsharded state dict on every rank "
+            "(restore_best_weights=False works with any strategy)"
+        )
         if self.restore_best_weights:
-            refuse_strategies(
-                trainer,
-                "EarlyStoppingCallback(restore_best_weights=True)",
-                ALL_SHARDED,
-                "keeping the best weights needs the full, unsharded state dict on every rank "
-                "(restore_best_weights=False works with any strategy)",
-            )
+            refuse_strategies(trainer, who, ALL_SHARDED, why)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -370,12 +362,8 @@ class EarlyStoppingCallback(EarlyStopping):
             )
         elif self.restore_best_weights:
             self.best_weights.restore(pl_module)
-            self._log_info(
-                trainer,
-                f"Restored the weights of epoch {self.best_epoch}, where {self.monitor} = "
-                f"{float(self.best_score):.3f}.",
-                True,
-            )
+            epoch, best = self.best_epoch, f"{self.monitor} = {float(self.best_score):.3f}"
+            self._log_info(trainer, f"Restored the weights of epoch {epoch}, where {best}.", True)
 
     @override
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
@@ -391,9 +379,8 @@ class EarlyStoppingCallback(EarlyStopping):
         if not valid or self.criterion != "pq" or self.train_monitor in logs:
             return valid
         msg = (
-            f"Early stopping criterion 'pq' needs the training metric `{self.train_monitor}`, "
-            "which is not available. Log it with `self.log(..., on_epoch=True)` or use any of: "
-            f"`{'`, `'.join(logs)}`"
+            f"Early stopping criterion 'pq' needs the training metric `{self.train_monitor}`: "
+            f"log it with `self.log(..., on_epoch=True)` or use any of: `{'`, `'.join(logs)}`"
         )
         if self.strict:
             raise RuntimeError(msg)
@@ -416,15 +403,12 @@ class EarlyStoppingCallback(EarlyStopping):
         if not (counted or (self.check_finite and not finite)):
             return False, None
         wait = self.wait_count
-        improved = (finite or not self.check_finite) and bool(
-            self.monitor_op(current - self.min_delta, self.best_score.to(current.device))
-        )
+        shifted, best = current - self.min_delta, self.best_score.to(current.device)
+        improved = (finite or not self.check_finite) and bool(self.monitor_op(shifted, best))
         should_stop, reason = super()._evaluate_stopping_criteria(current)
         if improved:
             self.best_score = current  # also when a threshold stopped first (Lightning skips it)
-            if self.baseline is not None and not self.monitor_op(
-                current - self.min_delta, self.baseline
-            ):
+            if self.baseline is not None and not self.monitor_op(shifted, self.baseline):
                 self.wait_count = wait + 1  # an improvement that misses the baseline is no reset
         self._num_checks += 1
         if train is not None:
@@ -453,8 +437,7 @@ class EarlyStoppingCallback(EarlyStopping):
         except ValueError as err:
             raise RuntimeError(
                 f"EarlyStoppingCallback(criterion={self.criterion!r}) needs a positive error for "
-                f"`{self.monitor}` (a loss, or 1 - accuracy) and for `train_monitor`; monitor such "
-                f"a metric or use criterion='patience'. {err}"
+                f"`{self.monitor}` and `train_monitor`; monitor a loss or 1 - accuracy. {err}"
             ) from err
         if value <= alpha:
             return False, reason
@@ -465,10 +448,8 @@ class EarlyStoppingCallback(EarlyStopping):
         )
 
     def _log_state(self, trainer: pl.Trainer) -> None:
-        metrics = {
-            "reg/early_stopping/wait": float(self.wait_count),
-            "reg/early_stopping/best_score": float(self.best_score),
-        }
+        wait, best = float(self.wait_count), float(self.best_score)
+        metrics = {"reg/early_stopping/wait": wait, "reg/early_stopping/best_score": best}
         # at training-epoch end Lightning logs epoch metrics at the epoch's last step; so do we
         step = max(batches_that_stepped(trainer) - int(bool(self._check_on_train_epoch_end)), 0)
         for logger in trainer.loggers:  # as Lightning's own logger connector does

@@ -349,10 +349,9 @@ def apply_ghost_batch_norm(model: nn.Module, virtual_batch_size: int) -> list[Mo
     changes = [] if lazy else replace_modules(model, policy, refuse_if_contains=(GhostBatchNorm,))
     if changes:
         return changes
-    sync = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
     if lazy:
         why = f"{lazy[:3]} are lazy BatchNorm layers. Run one forward pass on a sample batch first"
-    elif sync:
+    elif sync := [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]:
         why = (
             f"the BatchNorm layers {sync[:3]} are SyncBatchNorm (one batch over all ranks, the "
             "opposite of per-rank virtual batches). Build the model with nn.BatchNormNd and pass "
@@ -391,11 +390,9 @@ class GhostSyncBatchNorm(TorchSyncBatchNorm):
 
     @override
     def apply(self, model: nn.Module) -> nn.Module:
-        def convert(m: nn.Module, path: str) -> nn.Module | None:
-            ghost = isinstance(m, GhostBatchNorm)  # per-rank virtual batches: left alone
-            return None if ghost else nn.SyncBatchNorm.convert_sync_batchnorm(m)
-
-        replace_modules(model, dict.fromkeys(_BATCH_NORMS, convert))
+        sync = dict.fromkeys(_BATCH_NORMS, lambda m, p: nn.SyncBatchNorm.convert_sync_batchnorm(m))
+        # the first matching type wins: ghost layers (per-rank virtual batches) are left alone
+        replace_modules(model, {GhostBatchNorm: lambda m, p: None, **sync})
         return model
 
 

@@ -63,11 +63,10 @@ def _leaf(x: Tensor) -> Tensor:
     Raises:
         TypeError: for integer inputs (token ids): pass the embedding output instead.
     """
-    _check_float(x)
-    return x.detach().requires_grad_(True)
+    return _check_float(x).detach().requires_grad_(True)
 
 
-def _check_float(inputs: Tensor) -> None:
+def _check_float(inputs: Tensor) -> Tensor:
     if not (inputs.is_floating_point() or inputs.is_complex()):
         raise TypeError(
             f"`inputs` are integers ({inputs.dtype}), e.g. token ids; gradients w.r.t. them do "
@@ -75,11 +74,10 @@ def _check_float(inputs: Tensor) -> None:
             "`x = self.embed(ids); x = self.jacobian_inputs(x)`, and feed `x` to the rest of the "
             "model."
         )
+    return inputs
 
 
 def _check_graph(inputs: Tensor, outputs: Tensor, what: str) -> None:
-    if not isinstance(inputs, Tensor) or not isinstance(outputs, Tensor):
-        raise TypeError(f"`inputs` and `{what}` must be tensors")
     _check_float(inputs)
     if not inputs.requires_grad:
         raise RuntimeError(
@@ -93,25 +91,20 @@ def _check_graph(inputs: Tensor, outputs: Tensor, what: str) -> None:
         )
     if not outputs.requires_grad:
         raise RuntimeError(
-            f"`{what}` does not require grad: it was not computed from `inputs` with gradients "
-            f"enabled. {_HOW_TO_FIX}."
+            f"`{what}` was not computed from `inputs` with gradients enabled: {_HOW_TO_FIX}."
         )
 
 
-def _vjp(out: Tensor, inp: Tensor, v: Tensor, graph: bool, scale: Tensor | float | None) -> Tensor:
-    """``vᵀ·∂out/∂inp`` in float32 or wider; under fp16 AMP on ``v·scale``, then unscaled."""
-    if scale is not None:
-        v = v * scale
-    (grad,) = torch.autograd.grad(
-        out, inp, v.to(out.dtype), retain_graph=True, create_graph=graph, allow_unused=True
-    )
+def _vjp_sq(y: Tensor, x: Tensor, v: Tensor, graph: bool, scale: Tensor | float | None) -> Tensor:
+    """``‖vᵀ·∂y/∂x‖²`` in float32 or wider; under fp16 AMP on ``v·scale``, then unscaled."""
+    v = (v if scale is None else v * scale).reshape(y.shape).to(y.dtype)
+    (grad,) = torch.autograd.grad(y, x, v, retain_graph=True, create_graph=graph, allow_unused=True)
     if grad is None:
         raise RuntimeError(
-            f"`outputs` were not computed from `inputs` (no path in the autograd graph): "
-            f"{_HOW_TO_FIX}."
+            f"`outputs` were not computed from `inputs` (no autograd path): {_HOW_TO_FIX}."
         )
     grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
-    return grad if scale is None else grad * (1.0 / scale)
+    return (grad if scale is None else grad * (1.0 / scale)).pow(2).sum()
 
 
 def random_unit_projections(
@@ -176,21 +169,17 @@ def jacobian_penalty(
         )
     if not outputs.numel():
         return outputs.new_zeros((), dtype=torch.float32)
-    batch, dim = outputs.shape[0], outputs[0].numel()
+    batch, dim, device = outputs.shape[0], outputs[0].numel(), outputs.device
     if n == "exact":  # v = e_c for each output dimension c
-        eye = torch.eye(dim, device=outputs.device, dtype=torch.float32)
-        projections, factor = eye.unsqueeze(1).expand(dim, batch, dim), 1.0
+        projections, factor = torch.eye(dim, device=device)[:, None].expand(dim, batch, dim), 1.0
     else:
         projections = [
-            random_unit_projections(batch, dim, device=outputs.device, generator=generator)
+            random_unit_projections(batch, dim, device=device, generator=generator)
             for _ in range(int(n))
         ]
         factor = dim / int(n)
-    squares = [
-        _vjp(outputs, inputs, v.reshape(outputs.shape), create_graph, grad_scale).pow(2).sum()
-        for v in projections
-    ]
-    return sum(squares) * (factor / batch)
+    squares = sum(_vjp_sq(outputs, inputs, v, create_graph, grad_scale) for v in projections)
+    return squares * (factor / batch)
 
 
 def input_gradient_penalty(
@@ -226,8 +215,7 @@ def input_gradient_penalty(
     _check_graph(inputs, loss, "loss")
     if loss.numel() != 1:
         raise ValueError(f"`loss` must be a scalar, got shape {tuple(loss.shape)}")
-    grad = _vjp(loss, inputs, torch.ones_like(loss, dtype=torch.float32), create_graph, grad_scale)
-    return grad.pow(2).sum()
+    return _vjp_sq(loss, inputs, torch.ones((), device=loss.device), create_graph, grad_scale)
 
 
 # --------------------------------------------------------------------------- Lightning mixins

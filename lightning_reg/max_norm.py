@@ -30,7 +30,7 @@ from typing_extensions import override
 from lightning_reg.core.compat import foreach_clamp_min_, foreach_mul_
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.param_callback import Group, ParamCallback, Params, resolve_params
-from lightning_reg.core.params import ParamSelection, SelectedParam
+from lightning_reg.core.params import ParamSelection, SelectedParam, split_by_device_dtype
 from lightning_reg.core.strategies import refuse_strategies
 from lightning_reg.core.validation import check_choice, check_positive
 
@@ -97,16 +97,15 @@ class _Bucket:
 
 def _plan(selected: Iterable[SelectedParam], dim: Dim) -> list[_Bucket]:
     """Bucket the non-empty tensors by (device, dtype), each with the dims it reduces over."""
-    buckets: dict[tuple, list] = {}
+    dims: dict[torch.Tensor, tuple[int, ...]] = {}
     for s in selected:
         t = s.param
         if dim is None or dim == "unit":
-            dims = tuple(d for d in range(t.ndim) if dim is None or d != s.unit_dim)
+            dims[t] = tuple(d for d in range(t.ndim) if dim is None or d != s.unit_dim)
         else:
-            dims = tuple(sorted({d % t.ndim for d in ((dim,) if isinstance(dim, int) else dim)}))
-        if t.numel():
-            buckets.setdefault((t.device, t.dtype), []).append((t, dims))
-    return [_Bucket(items) for items in buckets.values()]
+            dims[t] = tuple(sorted({d % t.ndim for d in ((dim,) if isinstance(dim, int) else dim)}))
+    groups = split_by_device_dtype(t for t in dims if t.numel())
+    return [_Bucket([(t, dims[t]) for t in group]) for group in groups]
 
 
 _PLANS: dict[tuple, list[_Bucket]] = {}

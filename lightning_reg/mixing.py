@@ -57,9 +57,8 @@ Params = dict[str, Any]
 
 def _weights(lam: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
     """``λ`` (a float, one value or one per sample) broadcastable against ``like``."""
-    if not isinstance(lam, torch.Tensor):
-        return lam
-    return lam.to(like).view(-1, *([1] * (like.ndim - 1)))  # (1,) or (B,) -> (1 or B, 1, ...)
+    # (1,) or (B,) -> (1 or B, 1, ...)
+    return lam.to(like).view(-1, *([1] * (like.ndim - 1))) if torch.is_tensor(lam) else lam
 
 
 def mixup(
@@ -102,17 +101,12 @@ def cutmix_boxes(
         >>> cutmix_boxes(torch.tensor([0.75]), 8, 8).shape
         torch.Size([1, 4])
     """
-    cut = torch.sqrt((1.0 - lam.float()).clamp(0.0, 1.0))
-    cut_h, cut_w = torch.floor(height * cut).long(), torch.floor(width * cut).long()
+    size = torch.tensor([height, width], device=lam.device)  # per axis: (y, x)
+    cut = torch.floor(size * torch.sqrt((1.0 - lam.float()).clamp(0.0, 1.0))[:, None]).long()
     u = torch.rand((lam.shape[0], 2), generator=generator, device=lam.device)
-    cy = torch.floor(u[:, 0] * height).long().clamp_max(height - 1)
-    cx = torch.floor(u[:, 1] * width).long().clamp_max(width - 1)
-    y0, x0 = cy - cut_h // 2, cx - cut_w // 2
-    return torch.stack(
-        [y0.clamp(0, height), (y0 + cut_h).clamp(0, height), x0.clamp(0, width),
-         (x0 + cut_w).clamp(0, width)],
-        dim=1,
-    )  # fmt: skip
+    start = torch.minimum(torch.floor(u * size).long(), size - 1) - cut // 2  # centre - cut / 2
+    box = torch.stack([start, start + cut], dim=2).clamp_min(0).minimum(size[:, None])
+    return box.flatten(1)  # (n, 2, 2) -> (n, 4): y0, y1, x0, x1
 
 
 def cutmix(
@@ -142,8 +136,7 @@ def cutmix(
     """
     height, width = x.shape[-2], x.shape[-1]
     y0, y1, x0, x1 = boxes.to(x.device).unbind(1)
-    rows = torch.arange(height, device=x.device)
-    cols = torch.arange(width, device=x.device)
+    rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
     in_rows = (rows >= y0[:, None]) & (rows < y1[:, None])
     in_cols = (cols >= x0[:, None]) & (cols < x1[:, None])
     mask = in_rows[:, :, None] & in_cols[:, None, :]  # (n, H, W)
@@ -180,9 +173,8 @@ def sample_beta(
         "sample_beta is deprecated: use torch.distributions.Beta", DeprecationWarning, stacklevel=2
     )
     a, b = check_positive("alpha", alpha), check_positive("beta", beta)
-    seed = int(
-        torch.randint(0, 2**62, (), generator=generator, device=getattr(generator, "device", "cpu"))
-    )
+    gen_device = getattr(generator, "device", "cpu")
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=gen_device))
     with seeded_global_rng(seed, torch.device(device)):
         ones = torch.ones(tuple(shape), device=device, dtype=torch.float64)
         return torch.distributions.Beta(ones * a, ones * b).sample().to(dtype)
@@ -304,9 +296,8 @@ class MixUpCutMixCallback(Callback):
         Batch-level draws (``mode="batch"``) happen on the CPU, so branching on them never
         waits for the device.
         """
-        b = shape[0]
-        n, dev = (1, torch.device("cpu")) if self.mode == "batch" else (b, device)
-        perm = torch.randperm(b, device=device)
+        n, dev = (1, torch.device("cpu")) if self.mode == "batch" else (shape[0], device)
+        perm = torch.randperm(shape[0], device=device)
         u = torch.rand((2, n), device=dev)
         active = u[0] < self.p
         both = self.mixup_alpha > 0 and self.cutmix_alpha > 0
@@ -365,11 +356,10 @@ class MixUpCutMixCallback(Callback):
         _, step_seed = self.rng.next(x.device)
         with seeded_global_rng(step_seed, x.device):
             params = self.last_params = self.sample_params(tuple(x.shape), x.device)
-        if params["skip"]:
-            return x, soft
-        with torch.no_grad():
-            x_mix, y_mix, params["lam"] = self.apply(x, soft, params)
-        return x_mix, y_mix
+        if not params["skip"]:
+            with torch.no_grad():
+                x, soft, params["lam"] = self.apply(x, soft, params)
+        return x, soft
 
     @override
     def on_train_batch_start(

@@ -230,11 +230,9 @@ class RegularizationMonitorCallback(ParamCallback):
         if values is None:
             return {}
         metrics = dict(zip(keys, values.tolist()))  # one device-to-host copy
-        nonfinite = 0
-        if not math.isfinite(metrics[f"{PREFIX}/norm/total"]):  # rare: count them on the host
-            params = [s.param for s in self.selected(self._module)]  # type: ignore[arg-type]
-            nonfinite = sum(p.numel() - int(p.isfinite().sum()) for p in params)
-        metrics[f"{PREFIX}/nonfinite"] = float(nonfinite)
+        finite = math.isfinite(metrics[f"{PREFIX}/norm/total"])  # else (rare) count on the host
+        bad = [] if finite else self.selected(self._module)  # type: ignore[arg-type]
+        metrics[f"{PREFIX}/nonfinite"] = float(sum((~s.param.isfinite()).sum().item() for s in bad))
         self.last_metrics = metrics
         wandb = any(isinstance(logger, WandbLogger) for logger in trainer.loggers)
         hists = self._histograms() if self.histograms and wandb else {}

@@ -13,11 +13,11 @@ Pure torch: :func:`merge_moments`, :func:`recompute_batch_norm_stats`. Lightning
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from itertools import islice
+from operator import length_hint
 from typing import Any
 
 import lightning.pytorch as pl
@@ -296,9 +296,7 @@ class PreciseBatchNormCallback(pl.Callback):
                 "PreciseBatchNormCallback needs a single training data loader; with several, "
                 "wrap them into one loader and pass `forward_fn`."
             )
-        count = self.num_batches
-        with contextlib.suppress(TypeError):  # an iterable dataset may have no length
-            count = min(count, len(loader))
+        count = min(self.num_batches, length_hint(loader, self.num_batches))  # len() may fail
         t = torch.tensor(float(count), device=pl_module.device)
         count = int(trainer.strategy.reduce(t, reduce_op="min"))  # the same on every rank
         if count < self.num_batches and not self._warned:

@@ -17,10 +17,11 @@ from lightning_reg.jacobian import (
     input_gradient_penalty,
     jacobian_penalty,
 )
-from tests.distributed.scenarios_jacobian import JacobianClassifier, fit_ddp_jacobian
+from tests.distributed.scenarios_jacobian import fit_ddp_jacobian
 from tests.helpers.models import (
     MLP,
     ClassifierModule,
+    JacobianClassifier,
     list_loader,
     random_classification,
     tiny_trainer,

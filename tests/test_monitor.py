@@ -277,6 +277,11 @@ def test_selection_follows_what_is_trainable():
     assert "reg/monitor/norm/model.head" not in monitor.compute_step_metrics()
     module.model.head.weight.requires_grad_(True)
     assert "reg/monitor/norm/model.head" in monitor.compute_step_metrics()
+    # A replaced layer or parameter is seen too (the selection is cached between steps).
+    module.model.head = torch.nn.Linear(module.model.head.in_features, 3)
+    assert monitor.selected(module)[-1].param is module.model.head.weight
+    module.model.head.weight = torch.nn.Parameter(torch.zeros(3, module.model.head.in_features))
+    assert monitor.compute_step_metrics()["reg/monitor/norm/model.head"] == 0
 
 
 def test_nan_weights_are_counted_and_left_out_of_histograms():

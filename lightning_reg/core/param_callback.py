@@ -5,8 +5,11 @@
 param group (for each group's ``lr``), attaches and detaches the optimizer step hooks, and
 resolves the selection again whenever what is trainable changes: a parameter's
 ``requires_grad`` flips, or a param group is added (Lightning's ``BackboneFinetuning`` does
-both). The check is a cheap signature of the optimizer's parameters, compared at each step;
-the selection is recomputed only when it changes. Subclasses say only what happens at a step.
+both). The checks are cheap, so they run at each step: the ``requires_grad`` flags of the
+model's parameters (kept in a list, so the model is not walked), a process-wide count of
+parameter and submodule registrations (torch's global registration hooks), and a signature of
+the optimizer's parameters; the selection is recomputed only when one changes. Subclasses say
+only what happens at a step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from typing_extensions import override
 
 from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
@@ -47,6 +54,19 @@ def resolve_params(params: Params) -> list[SelectedParam]:
 def _signature(params: Iterable[torch.Tensor]) -> tuple:
     """What decides a selection: which tensors, and which of them are trainable."""
     return tuple((id(p), p.requires_grad) for p in params)
+
+
+#: How many parameters and submodules any module of this process registered (assigning one
+#: as an attribute registers it): a model whose parameter set changed has a new count.
+_registrations = [0]
+
+
+def _count_registration(*_: Any) -> None:
+    _registrations[0] += 1
+
+
+register_module_parameter_registration_hook(_count_registration)
+register_module_module_registration_hook(_count_registration)
 
 
 class ParamCallback(Callback):
@@ -108,7 +128,7 @@ class ParamCallback(Callback):
 
     def _reset(self, module: nn.Module | None) -> None:
         self._module = module
-        self._selected: tuple[tuple, list[SelectedParam]] = ((), [])
+        self._selected: tuple = (None, [], [], [])  # key, parameters, flags, selection
         self._groups: dict[int, tuple[tuple, list[Group]]] = {}
 
     # -- what subclasses override ----------------------------------------------------------
@@ -131,10 +151,13 @@ class ParamCallback(Callback):
 
     def selected(self, pl_module: nn.Module) -> list[SelectedParam]:
         """The selection of ``pl_module`` now, recomputed only when its parameters changed."""
-        key = _signature(pl_module.parameters())
-        if key != self._selected[0]:
-            self._selected = (key, self.selection.select(pl_module, allow_empty=True))
-        return self._selected[1]
+        key, params, flags, selected = self._selected
+        if key != (pl_module, _registrations[0]) or flags != [p.requires_grad for p in params]:
+            params = list(pl_module.parameters())
+            flags = [p.requires_grad for p in params]
+            selected = self.selection.select(pl_module, allow_empty=True)
+            self._selected = ((pl_module, _registrations[0]), params, flags, selected)
+        return selected
 
     def groups(self, optimizer: Any) -> list[Group]:
         """The prepared, selected parameters of ``optimizer``, one entry per param group."""

@@ -1,4 +1,4 @@
-"""A Jacobian-regularized classifier and the 2-rank DDP scenario for ``JacobianPenaltyMixin``."""
+"""The 2-rank DDP scenario for ``JacobianPenaltyMixin`` (model: ``tests.helpers.models``)."""
 
 from __future__ import annotations
 
@@ -7,35 +7,16 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from lightning_reg.jacobian import JacobianPenaltyMixin, jacobian_penalty
+from lightning_reg.jacobian import jacobian_penalty
 from tests.helpers.ddp import ddp_trainer_kwargs
 from tests.helpers.models import (
     MLP,
-    ClassifierModule,
+    JacobianClassifier,
     list_loader,
     param_hash,
     random_classification,
     tiny_trainer,
 )
-
-
-class JacobianClassifier(JacobianPenaltyMixin, ClassifierModule):
-    """``ClassifierModule`` whose training loss is ``CE + jacobian_weight·‖J‖_F²``."""
-
-    def __init__(self, jacobian_weight: float = 0.01, projections: int | str = 1, **kwargs):
-        super().__init__(**kwargs)
-        self.jacobian_weight = jacobian_weight
-        self.jacobian_projections = projections
-        self.seen_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def training_step(self, batch, batch_idx):
-        x, y = self._unpack(batch)
-        self.seen_batches.append((x.detach().clone(), y.clone()))
-        x = self.jacobian_inputs(x)
-        logits = self(x)
-        loss = F.cross_entropy(logits.float(), y)
-        self.log("train_loss", loss)
-        return loss + self.jacobian_penalty(x, logits)
 
 
 def fit_ddp_jacobian(rank: int, weight: float, lr: float):

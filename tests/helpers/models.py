@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_reg.jacobian import JacobianPenaltyMixin
+
 
 class MLP(nn.Sequential):
     """Linear-ReLU stack: ``in_features -> hidden... -> num_classes``."""
@@ -184,3 +186,22 @@ def param_hash(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()
+
+
+class JacobianClassifier(JacobianPenaltyMixin, ClassifierModule):
+    """``ClassifierModule`` whose training loss is ``CE + jacobian_weight·‖J‖_F²``."""
+
+    def __init__(self, jacobian_weight: float = 0.01, projections: int | str = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.jacobian_weight = jacobian_weight
+        self.jacobian_projections = projections
+        self.seen_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = self._unpack(batch)
+        self.seen_batches.append((x.detach().clone(), y.clone()))
+        x = self.jacobian_inputs(x)
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.log("train_loss", loss)
+        return loss + self.jacobian_penalty(x, logits)
