@@ -586,6 +586,8 @@ class MCDropoutMixin:
                 ``max_batch_elements``, ``classifier``, ``output``, ``return_samples``);
                 ``classifier=None`` or absent: ``mc_classifier``.
         """
+        if not isinstance(self, nn.Module):
+            raise RuntimeError("MCDropoutMixin must be mixed into an nn.Module/LightningModule")
         if kwargs.get("classifier") is None:
             kwargs["classifier"] = self.mc_classifier
         n_samples = self.mc_n_samples if n_samples is None else n_samples

@@ -78,6 +78,8 @@ def _check_float(inputs: Tensor) -> Tensor:
 
 
 def _check_graph(inputs: Tensor, outputs: Tensor, what: str) -> None:
+    if not isinstance(inputs, Tensor) or not isinstance(outputs, Tensor):
+        raise TypeError(f"`inputs` and `{what}` must be tensors")
     _check_float(inputs)
     if not inputs.requires_grad:
         raise RuntimeError(

@@ -325,3 +325,11 @@ def test_ddp_averages_penalty_gradients_like_a_loss_term(ddp_pool):
         assert o["max_diff_to_reference"] < 1e-6, o
         assert o["diff_if_penalty_summed"] > 1e-3 and o["diff_if_penalty_dropped"] > 1e-3, o
         assert o["penalty"] > 0
+
+
+def test_non_tensor_arguments_get_a_type_error_naming_them() -> None:
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"`inputs` and `outputs` must be tensors"):
+        jacobian_penalty(x, [1.0, 2.0])
+    with pytest.raises(TypeError, match=r"must be tensors"):
+        input_gradient_penalty([[1.0]], x.sum())

@@ -56,17 +56,14 @@ def _signature(params: Iterable[torch.Tensor]) -> tuple:
     return tuple((id(p), p.requires_grad) for p in params)
 
 
-#: How many parameters and submodules any module of this process registered (assigning one
-#: as an attribute registers it): a model whose parameter set changed has a new count.
+#: How many parameters and submodules were registered while a ParamCallback was fitting
+#: (assigning one as an attribute registers it): a model whose parameter set changed mid-fit
+#: has a new count. The global hooks that count live from fit start to teardown only.
 _registrations = [0]
 
 
 def _count_registration(*_: Any) -> None:
     _registrations[0] += 1
-
-
-register_module_parameter_registration_hook(_count_registration)
-register_module_module_registration_hook(_count_registration)
 
 
 class ParamCallback(Callback):
@@ -120,6 +117,7 @@ class ParamCallback(Callback):
     ) -> None:
         super().__init__()
         self.selection = ParamSelection.coerce(params)
+        self._registration_hooks: list[Any] = []
         self._reset(None)
         self._hooks = OptimizerStepHooks(
             before_step=(lambda opt: self.before_step(self.groups(opt))) if before_step else None,
@@ -127,6 +125,14 @@ class ParamCallback(Callback):
         )
 
     def _reset(self, module: nn.Module | None) -> None:
+        for handle in self._registration_hooks:
+            handle.remove()
+        self._registration_hooks = []
+        if module is not None:
+            self._registration_hooks = [
+                register_module_parameter_registration_hook(_count_registration),
+                register_module_module_registration_hook(_count_registration),
+            ]
         self._module = module
         self._selected: tuple = (None, [], [], [])  # key, parameters, flags, selection
         self._groups: dict[int, tuple[tuple, list[Group]]] = {}
