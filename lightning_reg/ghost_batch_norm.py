@@ -82,13 +82,10 @@ def ghost_batch_norm(
     ``num_batches_tracked`` chunks seen before and these).
 
     One algorithm, laid out for the device. On CPU it is one fused ``F.batch_norm`` per chunk
-    (Composer's loop: the CPU kernel's per-call cost is small; 1.15x Composer's loop and 0.81x
-    for the side-by-side layout in ``benchmarks/README.md``). On an accelerator the chunks of
+    (Composer's loop: the CPU kernel's per-call cost is small). On an accelerator the chunks of
     equal size are laid side by side as channels, ``(size, k·C, *S)``, and normalised by one
-    fused call: on an H200, 1024x64x16x16 with virtual batches of 16 took 1.45 ms against
-    5.19 ms for Composer's loop (3.6x; development run of 2026-11-26, see
-    ``docs/batch-norm.md``). Either way, each call's batch statistics come back through
-    temporary buffers and update the running ones once, in closed form.
+    fused call; their statistics come back through temporary buffers and update the running
+    ones in closed form. On an H200 that is 3.6x the loop (``benchmarks/README.md``).
 
     Args:
         x: input ``(N, C, *S)``.
@@ -123,38 +120,68 @@ def ghost_batch_norm(
     if min(sizes) * per_row <= 1:
         msg = f"{min(sizes)} row(s) x {per_row} value(s) (input {tuple(x.shape)})"
         raise ValueError(f"Expected more than 1 value per channel in each virtual batch, got {msg}")
-    # A group is k chunks of equal size laid side by side as channels, (size, k·C, *S), through
-    # one fused call (k = 1 on CPU). Temporary buffers (momentum 1) catch each group's batch
-    # statistics for one closed-form update of the running ones.
-    groups = [(size, sizes.count(size)) for size in dict.fromkeys(sizes)]  # larger chunks first
+    # On CPU each chunk is one fused call and BatchNorm updates the running buffers in turn with
+    # momentum / n (Composer's loop). On an accelerator, chunks of equal size go side by side as
+    # channels, (size, k·C, *S), through one fused call; temporary buffers (momentum 1) catch
+    # their statistics for a closed-form update of the running ones.
     if x.device.type in _ONE_CALL_PER_CHUNK:
         groups = [(size, 1) for size in sizes]
-    track = running_mean is not None and running_var is not None
+    else:  # tensor_split puts the larger chunks first
+        groups = [(size, sizes.count(size)) for size in sorted(set(sizes), reverse=True)]
+    direct = len(groups) == len(sizes)
+    channels, spatial = x.shape[1], x.shape[2:]
+    parts = torch.split(x, [k * size for size, k in groups])  # one backward for all parts
     outs, stats = [], []
-    for (size, k), lanes in zip(groups, torch.split(x, [k * size for size, k in groups])):
+    for i, ((size, k), lanes) in enumerate(zip(groups, parts)):
         if k > 1:
-            lanes = lanes.reshape(k, size, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
-        buffers: Any = running_mean.new_zeros(2, lanes.shape[1]) if track else [None, None]
+            lanes = lanes.reshape(k, size, channels, *spatial).transpose(0, 1).flatten(1, 2)
+        buffers, factor = [running_mean, running_var], 1.0
+        if direct:
+            n_seen = num_batches_tracked + i + 1
+            factor = 1.0 / n_seen if momentum is None else momentum / len(sizes)
+        elif running_mean is not None and running_var is not None:  # in the buffers' dtype
+            buffers = [running_mean.new_zeros(k * channels), running_var.new_ones(k * channels)]
+            stats.append(buffers)
         affine = [t if t is None or k == 1 else t.repeat(k) for t in (weight, bias)]
-        y = F.batch_norm(lanes, *buffers, *affine, True, 1.0, eps)
-        outs.append(y if k == 1 else y.unflatten(1, (k, -1)).transpose(0, 1).flatten(0, 1))
-        stats.append(buffers)
-    if track:
-        # BatchNorm's updates after the n chunks in turn, in closed form (float32 or wider): with
-        # m = momentum / n, r ← (1 − m)^n·r + Σ_i m(1 − m)^(n−1−i)·s_i; with momentum None (the
-        # average over t = num_batches_tracked chunks before and these), (t·r + Σ_i s_i)/(t + n).
-        dtype = torch.promote_types(running_mean.dtype, torch.float32)
-        s = torch.cat([b.view(2, -1, x.shape[1]) for b in stats], 1).to(dtype)  # (2, n, C)
-        r, n = torch.stack([running_mean, running_var]).to(dtype), len(sizes)
-        if momentum is None:
-            new = (r * num_batches_tracked + s.sum(1)) / (num_batches_tracked + n)
-        else:
-            m = momentum / n
-            w = m * (1 - m) ** torch.arange(n - 1, -1, -1, dtype=dtype, device=s.device)
-            new = r * (1 - m) ** n + (w.view(1, n, 1) * s).sum(1)
-        running_mean.copy_(new[0])
-        running_var.copy_(new[1])
+        y = F.batch_norm(lanes, *buffers, *affine, True, factor, eps)
+        outs.append(y if k == 1 else y.unflatten(1, (k, channels)).transpose(0, 1).flatten(0, 1))
+    if stats and running_mean is not None and running_var is not None:
+        stats = [torch.stack(b).view(2, -1, channels) for b in stats]
+        _update_running_stats_(
+            running_mean, running_var, torch.cat(stats, 1), momentum, num_batches_tracked
+        )
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+@torch.no_grad()
+def _update_running_stats_(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    stats: torch.Tensor,
+    momentum: float | None,
+    tracked: int,
+) -> None:
+    """BatchNorm's update after seeing ``n`` chunks in turn, in closed form (float32 or wider).
+
+    ``stats`` is ``(2, n, C)``: the chunks' means and unbiased variances. Momentum ``m``:
+    ``r ← (1 − m/n)^n·r + Σ_k (m/n)(1 − m/n)^{n−1−k}·s_k``. ``None`` (cumulative average):
+    ``r ← (t·r + Σ_k s_k) / (t + n)`` with ``t = tracked``.
+    """
+    n = stats.shape[1]
+    dtype = torch.promote_types(stats.dtype, torch.float32)
+    stats = stats.to(dtype)
+    old = torch.stack([running_mean, running_var]).to(dtype)
+    if momentum is None:
+        new = (old * tracked + stats.sum(1)) / (tracked + n)
+    else:
+        m = momentum / n
+        w = torch.tensor([m * (1 - m) ** (n - 1 - k) for k in range(n)], dtype=dtype)
+        new = old * (1 - m) ** n + (w.to(stats.device).view(1, n, 1) * stats).sum(1)
+    running_mean.copy_(new[0])
+    running_var.copy_(new[1])
+
+
+_BATCH_NORM_FORWARD = nn.BatchNorm2d.forward  # every BatchNorm1d/2d/3d shares this forward
 
 
 class GhostBatchNorm(nn.Module):
@@ -180,7 +207,7 @@ class GhostBatchNorm(nn.Module):
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
         virtual_batch_size: rows per virtual batch (>= 1; keyword).
-        impl: deprecated and ignored (there is one implementation; it warns).
+        impl: deprecated and ignored (one implementation since 0.3; it warns).
 
     Raises:
         ValueError: if ``virtual_batch_size`` is not an integer >= 1, ``eps`` is not > 0 or
@@ -216,12 +243,16 @@ class GhostBatchNorm(nn.Module):
         if not self.input_dims:
             raise TypeError("Use GhostBatchNorm1d, GhostBatchNorm2d or GhostBatchNorm3d.")
         eps = check_positive("eps", eps)
-        momentum = momentum if momentum is None else check_probability("momentum", momentum)
+        if momentum is not None:
+            momentum = check_probability("momentum", momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)  # type: ignore[call-arg]
         self.virtual_batch_size = check_int("virtual_batch_size", virtual_batch_size, minimum=1)
         if impl is not None:
             warnings.warn(
-                "GhostBatchNorm(impl=...) is deprecated: ignored", DeprecationWarning, stacklevel=2
+                "GhostBatchNorm(impl=...) is deprecated and ignored: there is one implementation, "
+                "laid out for the device. The argument will be removed in the next release.",
+                DeprecationWarning,
+                stacklevel=2,
             )
         self.last_num_virtual_batches = 0
         self._warned_small_batch = False
@@ -234,21 +265,24 @@ class GhostBatchNorm(nn.Module):
             dims = " or ".join(f"{d}D" for d in self.input_dims)
             raise ValueError(f"expected {dims} input (got {input.dim()}D input)")
         bn: Any = self  # a BatchNormNd (see the subclasses)
-        rows, size = input.shape[0], self.virtual_batch_size
-        if self.training:
-            self.last_num_virtual_batches = len(virtual_batch_sizes(rows, size))
-        if (not self.training and bn.running_mean is not None) or rows <= size:
-            if self.training and rows < size and not self._warned_small_batch:
-                self._warned_small_batch = True
-                warnings.warn(f"GhostBatchNorm got a training batch of {rows} rows, fewer than "
-                              f"virtual_batch_size={size}: it is plain BatchNorm (under DDP, per "
-                              "rank). Lower virtual_batch_size or raise the batch size.",
-                              stacklevel=2)  # fmt: skip
+        rows = input.shape[0]
+        if not (self.training or bn.running_mean is None) or rows <= self.virtual_batch_size:
+            if self.training:
+                self.last_num_virtual_batches = 1
+                if rows < self.virtual_batch_size and not self._warned_small_batch:
+                    self._warned_small_batch = True
+                    warnings.warn(f"GhostBatchNorm got a training batch of {rows} rows, fewer than "
+                                  f"virtual_batch_size={self.virtual_batch_size}: it is plain "
+                                  "BatchNorm (under DDP, per rank). Lower virtual_batch_size or "
+                                  "raise the batch size.", stacklevel=2)  # fmt: skip
             return super().forward(input)  # type: ignore[misc]
         update = self.training and bn.track_running_stats and bn.running_mean is not None
+        if self.training:
+            self.last_num_virtual_batches = math.ceil(rows / self.virtual_batch_size)
         tracked = int(bn.num_batches_tracked) if update and bn.momentum is None else 0
         stats = (bn.running_mean, bn.running_var) if update else (None, None)
-        y = ghost_batch_norm(input, size, bn.weight, bn.bias, *stats, bn.momentum, bn.eps, tracked)
+        y = ghost_batch_norm(input, self.virtual_batch_size, bn.weight, bn.bias, *stats,
+                             bn.momentum, bn.eps, tracked)  # fmt: skip
         if update:
             bn.num_batches_tracked.add_(self.last_num_virtual_batches)
         return y
@@ -260,24 +294,31 @@ class GhostBatchNorm(nn.Module):
         Raises:
             TypeError: if ``bn`` is not an ``nn.BatchNorm1d``/``2d``/``3d``.
         """
-        ghosts = (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d)
-        target = next((g for b, g in zip(_BATCH_NORMS, ghosts) if isinstance(bn, b)), None)
+        target = next((g for b, g in _GHOST_OF.items() if isinstance(bn, b)), None)
         if target is None:
             raise TypeError(f"No ghost batch norm for {type(bn).__name__}; use BatchNorm1d/2d/3d")
-        return _sharing_state(bn, target, virtual_batch_size=virtual_batch_size)
+        src: Any = bn
+        ghost = target(src.num_features, src.eps, src.momentum, src.affine,
+                       src.track_running_stats, device="meta",
+                       virtual_batch_size=virtual_batch_size)  # fmt: skip
+        _share_state(bn, ghost)
+        return ghost
 
     def to_batch_norm(self) -> nn.Module:
         """The plain ``nn.BatchNormNd`` with the same parameters and buffers (shared)."""
-        return _sharing_state(self, next(b for b in _BATCH_NORMS if isinstance(self, b)))
+        bn: Any = self
+        plain = next(b for b in _BATCH_NORMS if isinstance(self, b))
+        out = plain(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                    device="meta")  # fmt: skip
+        _share_state(self, out)
+        return out
 
 
-def _sharing_state(bn: Any, cls: type[nn.Module], **kwargs: Any) -> Any:
-    """A ``cls`` on ``bn``'s very parameters and buffers (optimizers keep working)."""
-    args = [getattr(bn, a) for a in ("num_features", "eps", "momentum", "affine")]
-    new = cls(*args, bn.track_running_stats, device="meta", **kwargs)
+def _share_state(src: nn.Module, dst: nn.Module) -> None:
+    """Make ``dst`` use ``src``'s very parameters and buffers (optimizers keep working)."""
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(bn, name))
-    return new.train(bn.training)
+        setattr(dst, name, getattr(src, name))
+    dst.train(src.training)
 
 
 class GhostBatchNorm1d(GhostBatchNorm, nn.BatchNorm1d):
@@ -313,6 +354,36 @@ class GhostBatchNorm3d(GhostBatchNorm, nn.BatchNorm3d):
     input_dims = (5,)
 
 
+_GHOST_OF: dict[type[nn.Module], type[GhostBatchNorm]] = {
+    nn.BatchNorm1d: GhostBatchNorm1d,
+    nn.BatchNorm2d: GhostBatchNorm2d,
+    nn.BatchNorm3d: GhostBatchNorm3d,
+}
+
+
+def _no_batch_norm_error(model: nn.Module) -> RuntimeError:
+    lazy = [n for n, m in model.named_modules() if isinstance(m, _LAZY_BATCH_NORMS)]
+    sync = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    found = sorted({type(m).__name__ for m in model.modules()})
+    if lazy:
+        why = (
+            f"the BatchNorm layers {lazy[:3]} are lazy and not initialised yet. Run one "
+            "forward pass on a sample batch first (they then become nn.BatchNormNd)"
+        )
+    elif sync:
+        why = (
+            f"the BatchNorm layers {sync[:3]} are SyncBatchNorm (one batch over all ranks, "
+            "the opposite of per-rank virtual batches). Build the model with nn.BatchNormNd "
+            "and pass Trainer(plugins=[lightning_reg.GhostSyncBatchNorm()]) to sync the rest"
+        )
+    else:
+        why = (
+            f"found no nn.BatchNorm1d/2d/3d layer (the model has: {found}). Insert some with "
+            "lightning_reg.add_batch_norm(model)"
+        )
+    return RuntimeError(f"Ghost batch norm cannot be applied: {why}.")
+
+
 def apply_ghost_batch_norm(model: nn.Module, virtual_batch_size: int) -> list[ModuleChange]:
     """Replace every ``nn.BatchNorm1d``/``2d``/``3d`` by its ghost version (in place).
 
@@ -338,29 +409,20 @@ def apply_ghost_batch_norm(model: nn.Module, virtual_batch_size: int) -> list[Mo
         >>> apply_ghost_batch_norm(m, 8)[0].new_type
         'GhostBatchNorm2d'
     """
-    size = check_int("virtual_batch_size", virtual_batch_size, minimum=1)
-    lazy = [n for n, m in model.named_modules() if isinstance(m, _LAZY_BATCH_NORMS)]
+    virtual_batch_size = check_int("virtual_batch_size", virtual_batch_size, minimum=1)
+    if any(isinstance(m, _LAZY_BATCH_NORMS) for m in model.modules()):
+        raise _no_batch_norm_error(model)
 
-    def to_ghost(m: nn.Module, path: str) -> nn.Module | None:
-        own_forward = type(m).forward is not nn.BatchNorm2d.forward  # timm's BatchNormAct2d
-        return None if own_forward else GhostBatchNorm.from_batch_norm(m, size)
+    def convert(module: nn.Module, path: str) -> nn.Module | None:
+        if type(module).forward is not _BATCH_NORM_FORWARD:
+            return None
+        return GhostBatchNorm.from_batch_norm(module, virtual_batch_size)
 
-    policy = dict.fromkeys(_BATCH_NORMS, to_ghost)
-    changes = [] if lazy else replace_modules(model, policy, refuse_if_contains=(GhostBatchNorm,))
-    if changes:
-        return changes
-    if lazy:
-        why = f"{lazy[:3]} are lazy BatchNorm layers. Run one forward pass on a sample batch first"
-    elif sync := [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]:
-        why = (
-            f"the BatchNorm layers {sync[:3]} are SyncBatchNorm (one batch over all ranks, the "
-            "opposite of per-rank virtual batches). Build the model with nn.BatchNormNd and pass "
-            "Trainer(plugins=[lightning_reg.GhostSyncBatchNorm()]) to sync the rest"
-        )
-    else:
-        found = sorted({type(m).__name__ for m in model.modules()})
-        why = f"no nn.BatchNorm1d/2d/3d layer (it has {found}); add some with add_batch_norm(model)"
-    raise RuntimeError(f"Ghost batch norm cannot be applied: {why}.")
+    policy = {t: convert for t in _BATCH_NORMS}
+    changes = replace_modules(model, policy, refuse_if_contains=(GhostBatchNorm,))
+    if not changes:
+        raise _no_batch_norm_error(model)
+    return changes
 
 
 def remove_ghost_batch_norm(model: nn.Module) -> list[ModuleChange]:
@@ -390,9 +452,12 @@ class GhostSyncBatchNorm(TorchSyncBatchNorm):
 
     @override
     def apply(self, model: nn.Module) -> nn.Module:
-        sync = dict.fromkeys(_BATCH_NORMS, lambda m, p: nn.SyncBatchNorm.convert_sync_batchnorm(m))
-        # the first matching type wins: ghost layers (per-rank virtual batches) are left alone
-        replace_modules(model, {GhostBatchNorm: lambda m, p: None, **sync})
+        def convert(module: nn.Module, path: str) -> nn.Module | None:
+            if isinstance(module, GhostBatchNorm):
+                return None  # per-rank virtual batches
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+        replace_modules(model, dict.fromkeys(_BATCH_NORMS, convert))
         return model
 
 
@@ -435,37 +500,47 @@ class GhostBatchNormCallback(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_strategies(trainer, "GhostBatchNormCallback", ALL_SHARDED, "verified under DDP only")
-        sizes = {m.virtual_batch_size for m in pl_module.modules() if isinstance(m, GhostBatchNorm)}
+        ghosts = [m for m in pl_module.modules() if isinstance(m, GhostBatchNorm)]
+        sizes = {m.virtual_batch_size for m in ghosts}
         if sizes - {self.virtual_batch_size}:
             raise RuntimeError(
                 f"The model already has ghost batch norm with virtual_batch_size={sorted(sizes)}, "
                 f"but GhostBatchNormCallback({self.virtual_batch_size}) was given. Call "
                 "remove_ghost_batch_norm(model) first or use one virtual batch size."
             )
-        if not sizes:
+        if not ghosts:
             changes = apply_ghost_batch_norm(pl_module, self.virtual_batch_size)
             rank_zero_info(format_changes(changes, "GhostBatchNormCallback"))
-        self._ghosts = [m for m in pl_module.modules() if isinstance(m, GhostBatchNorm)]
+            ghosts = [m for m in pl_module.modules() if isinstance(m, GhostBatchNorm)]
+        self._ghosts = ghosts
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        lost = len({id(g) for g in self._ghosts} - {id(m) for m in pl_module.modules()})
-        if lost and any(isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules()):
+        present = {id(m) for m in pl_module.modules()}
+        lost = sum(id(g) not in present for g in self._ghosts)
+        if not lost:
+            return
+        if any(isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules()):
             raise RuntimeError(
                 f"Trainer(sync_batchnorm=True) turned {lost} ghost batch norm layer(s) into "
                 "SyncBatchNorm, which normalises one batch over all ranks and undoes ghost batch "
-                "norm. Drop it and pass Trainer(plugins=[lightning_reg.GhostSyncBatchNorm()]): it "
-                "syncs the other BatchNorm layers and keeps ghost layers per rank."
+                "norm. Drop sync_batchnorm=True and pass "
+                "Trainer(plugins=[lightning_reg.GhostSyncBatchNorm()]): it syncs the other "
+                "BatchNorm layers and keeps ghost layers per rank."
             )
-        if lost:
-            raise RuntimeError(
-                f"{lost} ghost batch norm layer(s) left the model after setup: run BatchNorm "
-                "surgery before GhostBatchNormCallback."
-            )
+        raise RuntimeError(
+            f"{lost} ghost batch norm layer(s) were removed from the model after "
+            "GhostBatchNormCallback.setup. Run surgery that replaces BatchNorm layers before it."
+        )
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if self._ghosts and is_logging_step(trainer):
             count = max(m.last_num_virtual_batches for m in self._ghosts)
