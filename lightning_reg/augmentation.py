@@ -122,50 +122,48 @@ def _band(size: int, start: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     return (pos >= start[..., None]) & (pos < (start + width)[..., None])
 
 
-def _boxes(
-    shape: Shape, scale: Pair, ratio: Pair, gen: Gen, device: Dev, strict: bool = False
+def sample_crop_boxes(
+    shape: Shape, scale: Pair, ratio: Pair, generator: Gen, device: Dev, strict: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample, the first of 10 boxes (area ``~U(scale)·H·W``, ``log(w/h) ~U(log ratio)``)
-    that fits in ``(B, ..., H, W)`` (strictly inside if ``strict``), placed uniformly.
+    """Per-sample random boxes in images of ``shape`` ``(B, ..., H, W)`` (torchvision's rule).
 
-    Returns ``(box, found)``: ``(B, 4)`` integer-valued ``(x0, y0, w, h)`` (meaningless where
-    nothing fits) and whether a candidate fitted.
+    For each sample, 10 candidates with area fraction ``~U(scale)`` and log aspect ratio
+    ``log(w / h) ~U(log ratio)`` are drawn at once; the first one that fits (strictly inside the
+    image if ``strict``, as ``torchvision.transforms.RandomErasing`` wants) is placed uniformly.
+    Where none fits, the box is the central crop clamped to ``ratio``, exactly as
+    ``torchvision.transforms.RandomResizedCrop`` falls back.
+
+    Args:
+        shape: the batch shape; only ``B``, ``H`` and ``W`` are read.
+        scale: ``(low, high)`` range of the box area as a fraction of ``H · W``.
+        ratio: ``(low, high)`` range of the aspect ratio ``w / h``.
+        generator: the generator to draw from (``None``: the global torch RNG).
+        device: the device to draw on (``None``: torch's default device).
+        strict: whether a box must fit strictly inside the image (``w < W`` and ``h < H``).
+
+    Returns:
+        ``(boxes, found)``: a float tensor ``(B, 4)`` of integer-valued ``(x0, y0, w, h)`` in
+        pixels, and a bool ``(B,)`` that says where a candidate fitted (else the fallback).
+
+    Example:
+        >>> boxes, found = sample_crop_boxes((4, 3, 32, 32), (0.5, 1.0), (3 / 4, 4 / 3), None, None)
+        >>> boxes.shape, bool(found.all())
+        (torch.Size([4, 4]), True)
     """
     n, height, width = (shape[0], 10), shape[-2], shape[-1]
-    area = _rand(n, gen, device, *scale) * (height * width)
-    aspect = torch.exp(_rand(n, gen, device, math.log(ratio[0]), math.log(ratio[1])))
+    area = _rand(n, generator, device, *scale) * (height * width)
+    aspect = torch.exp(_rand(n, generator, device, math.log(ratio[0]), math.log(ratio[1])))
     w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
     fits = (w < width) & (h < height) if strict else (w <= width) & (h <= height)
     valid = fits & (w > 0) & (h > 0)
     first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    u = _rand((shape[0], 2), gen, device)
+    u = _rand((shape[0], 2), generator, device)
     x0, y0 = torch.floor(u[:, 0] * (width - w + 1)), torch.floor(u[:, 1] * (height - h + 1))
-    return torch.stack([x0, y0, w, h], dim=1), valid.any(dim=1)
-
-
-def sample_crop_boxes(
-    batch_size: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: Gen = None,
-    device: Dev = None,
-) -> torch.Tensor:
-    """Per-sample random-resized-crop boxes, torchvision's algorithm, vectorised.
-
-    For each sample, 10 candidates with area fraction ``~U(scale)`` and log aspect ratio
-    ``~U(log ratio)`` are drawn at once; the first candidate that fits is used, otherwise the
-    central crop clamped to ``ratio`` (exactly as ``torchvision.transforms.RandomResizedCrop``).
-
-    Returns:
-        A float tensor ``(B, 4)`` of integer-valued ``(x0, y0, w, h)`` in pixels.
-    """
-    box, found = _boxes((batch_size, height, width), scale, ratio, generator, device)
     fw, fh = min(width, round(height * ratio[1])), min(height, round(width / ratio[0]))
-    central = ((width - fw) // 2, (height - fh) // 2, fw, fh)
-    return torch.stack([torch.where(found, b, c) for b, c in zip(box.unbind(1), central)], dim=1)
+    central, found = ((width - fw) // 2, (height - fh) // 2, fw, fh), valid.any(dim=1)
+    box = [torch.where(found, b, c) for b, c in zip((x0, y0, w, h), central)]  # no host copy
+    return torch.stack(box, dim=1), found
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,15 +349,13 @@ class RandomResizedCrop(BatchTransform):
         return (*shape[:-2], *self.size)
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        h, w = _hw(shape, self)
-        return {"box": sample_crop_boxes(shape[0], h, w, self.scale, self.ratio, generator, device)}
+        _hw(shape, self)
+        return {"box": sample_crop_boxes(shape, self.scale, self.ratio, generator, device)[0]}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        import kornia.geometry.transform as KG
+        import kornia.geometry as KG
 
-        x0, y0, w, h = params["box"].to(x.dtype).unbind(1)
-        x1, y1 = x0 + w - 1, y0 + h - 1
-        corners = torch.stack([x0, y0, x1, y0, x1, y1, x0, y1], dim=1).view(-1, 4, 2)
+        corners = KG.bbox_generator(*params["box"].to(x.dtype).unbind(1))  # (B, 4, 2), inclusive
         out = KG.crop_and_resize(_bchw(x, self), corners, self.size, self.mode, align_corners=True)
         return out.reshape(*x.shape[:-2], *self.size)
 
@@ -392,7 +388,7 @@ class RandomRotation(BatchTransform):
         return {"angle": angle, "apply": _rand(shape[:1], generator, device) < self.p}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        import kornia.geometry.transform as KG
+        import kornia.geometry as KG
 
         rotated = KG.rotate(_bchw(x, self), params["angle"].to(x.dtype), mode=self.mode)
         return torch.where(_per_sample(params["apply"], x), rotated.reshape(x.shape), x)
@@ -448,16 +444,15 @@ class ColorJitter(BatchTransform):
         _check_float(x, self)
         if x.ndim < 3 or x.shape[-3] != 3:
             raise ValueError(f"ColorJitter expects RGB images (B, 3, H, W), got {tuple(x.shape)}")
-        ops = (
-            KE.adjust_brightness_accumulative,
-            KE.adjust_contrast_with_mean_subtraction,
-            KE.adjust_saturation_with_gray_subtraction,
-            lambda img, hue: KE.adjust_hue(img, hue * (2 * math.pi)),
-        )
-        out = x.clamp(0.0, 1.0)
-        for name, op, identity in zip(self._FACTORS, ops, (1.0, 1.0, 1.0, 0.0)):
-            if getattr(self, name) != (identity, identity):
-                out = op(out, params[name].to(x.dtype))
+        f, out = {k: v.to(x.dtype) for k, v in params.items()}, x.clamp(0.0, 1.0)
+        if self.brightness != (1.0, 1.0):  # factors that are always the identity are skipped
+            out = KE.adjust_brightness_accumulative(out, f["brightness"])
+        if self.contrast != (1.0, 1.0):
+            out = KE.adjust_contrast_with_mean_subtraction(out, f["contrast"])
+        if self.saturation != (1.0, 1.0):
+            out = KE.adjust_saturation_with_gray_subtraction(out, f["saturation"])
+        if self.hue != (0.0, 0.0):
+            out = KE.adjust_hue(out, f["hue"] * (2 * math.pi))  # turns to radians
         return torch.where(_per_sample(params["apply"], x), out.clamp(0.0, 1.0), x)
 
 
@@ -500,7 +495,7 @@ class RandomErasing(BatchTransform):
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
         _hw(shape, self)
         r0, r1 = self.ratio  # our ratio is h / w: log(w / h) ~ U(-log r1, -log r0)
-        box, found = _boxes(shape, self.scale, (1 / r1, 1 / r0), generator, device, strict=True)
+        box, found = sample_crop_boxes(shape, self.scale, (1 / r1, 1 / r0), generator, device, True)
         return {"box": box, "apply": found & (_rand(shape[:1], generator, device) < self.p)}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
@@ -678,14 +673,13 @@ class TokenMasking(BatchTransform):
         self.protected_ids = [check_int("protected_ids[i]", i) for i in (protected_ids or [])]
 
     def sample_params(self, shape: Shape, *, device: Dev = None, generator: Gen = None) -> Params:
-        select = _rand(shape, generator, device) < self.p
-        kind = _rand(shape, generator, device)
-        mask = select & (kind < self.mask_fraction)
-        random = select & ~mask & (kind < self.mask_fraction + self.random_fraction)
+        # One uniform per token: [0, p·mask_fraction) masks, the next p·random_fraction replaces.
+        u, cut = _rand(shape, generator, device), self.p * self.mask_fraction
+        params = {"mask": u < cut, "random": (u >= cut) & (u < cut + self.p * self.random_fraction)}
         if self.random_fraction == 0:
-            return {"mask": mask, "random": random}
+            return params
         tokens = torch.randint(self.vocab_size, shape, generator=generator, device=device)
-        return {"mask": mask, "random": random, "tokens": tokens}
+        return {**params, "tokens": tokens}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
@@ -719,9 +713,8 @@ class _AxisMasking(BatchTransform):
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         band = _band(x.shape[self.axis], params["start"], params["width"]).any(dim=1)  # (B, size)
-        view = [x.shape[0]] + [1] * (x.ndim - 1)
-        view[self.axis] = -1
-        return x.masked_fill(band.view(view), self.value)
+        band = band.view(len(x), *[1] * (x.ndim - 2), -1)  # along the last axis
+        return x.masked_fill(band if self.axis == -1 else band.transpose(-1, -2), self.value)
 
 
 class TimeMasking(_AxisMasking):
@@ -862,9 +855,7 @@ class DataAugmentationCallback(Callback):
             else:
                 out = self.transform(x)
             if not isinstance(out, torch.Tensor):
-                raise RuntimeError(
-                    f"The transform returned {type(out).__name__}, not a tensor; it must return one"
-                )
+                raise RuntimeError(f"The transform returned a {type(out).__name__}, not a tensor")
             if self.p < 1.0:
                 if out.shape != x.shape:
                     raise RuntimeError(

@@ -80,16 +80,8 @@ DEFAULT_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Hardswish,
 )
 
-_DROPOUT_KINDS: dict[str, type[nn.Module]] = {
-    "dropout": nn.Dropout,
-    "dropout1d": nn.Dropout1d,
-    "dropout2d": nn.Dropout2d,
-    "dropout3d": nn.Dropout3d,
-    "alpha": nn.AlphaDropout,
-}
-
-
-_Types = tuple[type[nn.Module], ...] | type[nn.Module]  # one module type or several
+#: One module type or a tuple of them (what ``after=`` and ``layer_types=`` take).
+ModuleTypes = tuple[type[nn.Module], ...] | type[nn.Module]
 
 
 def _check_p(p: Any) -> float:
@@ -103,11 +95,11 @@ def _check_p(p: Any) -> float:
 
 
 class _DropoutWrapper(TransparentWrapper):
-    """A module and a dropout; the wrapper follows the module's training mode."""
+    """A module and an ``nn.Dropout``; the wrapper follows the module's training mode."""
 
-    def __init__(self, module: nn.Module, p: float, kind: str = "dropout") -> None:
+    def __init__(self, module: nn.Module, p: float) -> None:
         super().__init__(module)
-        self.dropout = _DROPOUT_KINDS[check_choice("kind", kind, _DROPOUT_KINDS)](_check_p(p))
+        self.dropout = nn.Dropout(_check_p(p))
         self.training = self.dropout.training = module.training
 
 
@@ -115,16 +107,15 @@ class DropoutAfter(_DropoutWrapper):
     """``module`` followed by dropout: ``dropout(module(x))``.
 
     ``state_dict`` keys are those of ``module`` (see :class:`TransparentWrapper`); the dropout
-    has no state. :meth:`unwrap` returns ``module``.
+    has no state. :meth:`unwrap` returns ``module``. The dropout is the ``nn.Dropout`` in
+    ``self.dropout``; for per-channel dropout, replace it (``layer.dropout = nn.Dropout2d(p)``).
 
     Args:
         module: the module to run first.
         p: drop probability in [0, 1).
-        kind: ``"dropout"`` (per element), ``"dropout1d"``/``"dropout2d"``/``"dropout3d"``
-            (per channel) or ``"alpha"`` (AlphaDropout, for SELU networks).
 
     Raises:
-        ValueError: if ``p`` is outside [0, 1) or NaN, or ``kind`` is unknown.
+        ValueError: if ``p`` is outside [0, 1) or NaN.
 
     Example:
         >>> layer = DropoutAfter(nn.ReLU(), 0.1)
@@ -144,10 +135,9 @@ class DropoutBefore(_DropoutWrapper):
     Args:
         module: the module whose (first) input is dropped out.
         p: drop probability in [0, 1).
-        kind: as in :class:`DropoutAfter`.
 
     Raises:
-        ValueError: if ``p`` is outside [0, 1) or NaN, or ``kind`` is unknown.
+        ValueError: if ``p`` is outside [0, 1) or NaN.
 
     Example:
         >>> layer = DropoutBefore(nn.Linear(3, 2), 0.2)
@@ -160,11 +150,7 @@ class DropoutBefore(_DropoutWrapper):
 
 
 def add_dropout(
-    model: nn.Module,
-    p: float,
-    *,
-    after: tuple[type[nn.Module], ...] | type[nn.Module] | None = None,
-    kind: str = "dropout",
+    model: nn.Module, p: float, *, after: ModuleTypes | None = None
 ) -> list[ModuleChange]:
     """Insert dropout after every module of the types in ``after`` (in place).
 
@@ -177,13 +163,12 @@ def add_dropout(
         p: drop probability in [0, 1).
         after: module types to put dropout after. ``None``: the activations, i.e.
             :data:`DEFAULT_ACTIVATIONS` and timm's and Hugging Face's activation classes.
-        kind: dropout flavour, see :class:`DropoutAfter`.
 
     Returns:
         The list of changes (path, old type, new type).
 
     Raises:
-        ValueError: if ``p`` is outside [0, 1) or NaN, or ``kind`` is unknown.
+        ValueError: if ``p`` is outside [0, 1) or NaN.
         RuntimeError: if the model already contains :class:`DropoutAfter` (apply once), or no
             module of the ``after`` types was found.
 
@@ -195,11 +180,11 @@ def add_dropout(
     if after is None:  # timm's and Hugging Face's classes live in their `activations` modules
         found = {type(m) for m in model.modules() if type(m).__module__.endswith(".activations")}
         after = (*DEFAULT_ACTIVATIONS, *sorted(found - set(DEFAULT_ACTIVATIONS), key=str))
-    return _insert(model, p, kind, after, DropoutAfter, "after")
+    return _insert(model, p, after, DropoutAfter, "after")
 
 
 def _insert(
-    model: nn.Module, p: float, kind: str, types: _Types, cls: type[_DropoutWrapper], arg: str
+    model: nn.Module, p: float, types: ModuleTypes, cls: type[_DropoutWrapper], arg: str
 ) -> list[ModuleChange]:
     types = (types,) if isinstance(types, type) else tuple(types)
     if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
@@ -208,7 +193,7 @@ def _insert(
     # fast path) instead of calling them: a wrapper there would break them, so skip those.
     fused = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
     unused = {id(c) for m in model.modules() if isinstance(m, fused) for c in m.children()}
-    policy = dict.fromkeys(types, lambda mod, _: None if id(mod) in unused else cls(mod, p, kind))
+    policy = dict.fromkeys(types, lambda mod, _: None if id(mod) in unused else cls(mod, p))
     changes = replace_modules(model, policy, refuse_if_contains=(cls,))
     if not changes:
         found = sorted({type(m).__name__ for m in model.modules()})
@@ -220,11 +205,7 @@ def _insert(
 
 
 def add_input_dropout(
-    model: nn.Module,
-    p: float,
-    *,
-    layer_types: tuple[type[nn.Module], ...] | type[nn.Module] = (nn.Linear,),
-    kind: str = "dropout",
+    model: nn.Module, p: float, *, layer_types: ModuleTypes = (nn.Linear,)
 ) -> list[ModuleChange]:
     """Put dropout on the input of every module of ``layer_types`` (in place).
 
@@ -235,7 +216,6 @@ def add_input_dropout(
         model: the model to change in place.
         p: drop probability in [0, 1).
         layer_types: module types whose inputs get dropout (default ``nn.Linear``).
-        kind: dropout flavour, see :class:`DropoutAfter`.
 
     Returns:
         The list of changes.
@@ -250,7 +230,7 @@ def add_input_dropout(
         >>> len(add_input_dropout(m, 0.2))
         2
     """
-    return _insert(model, p, kind, layer_types, DropoutBefore, "layer_types")
+    return _insert(model, p, layer_types, DropoutBefore, "layer_types")
 
 
 def remove_dropout(model: nn.Module) -> list[ModuleChange]:
@@ -503,13 +483,11 @@ def mc_dropout_predict(
     """
     n_samples = check_int("n_samples", n_samples, minimum=2)
     max_batch_elements = check_int("max_batch_elements", max_batch_elements, minimum=1)
-    output = check_choice("output", output, ("logits", "probs"))
-    classifier = classifier or output == "probs"
+    classifier = check_choice("output", output, ("logits", "probs")) == "probs" or classifier
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
         raise RuntimeError(f"mc_dropout_predict needs a batched input tensor, got {type(x)}")
-    if chunk_size is None:
-        chunk_size = max(1, min(n_samples, max_batch_elements // max(x.numel(), 1)))
-    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    fits = max(1, min(n_samples, max_batch_elements // max(x.numel(), 1)))  # samples per forward
+    chunk_size = check_int("chunk_size", fits if chunk_size is None else chunk_size, minimum=1)
     pieces: list[torch.Tensor] = []
     with torch.no_grad(), mc_dropout_mode(model):
         for done in range(0, n_samples, chunk_size):
@@ -599,7 +577,7 @@ class DropoutCallback(pl.Callback):
 
     Give either a constant ``p`` or a ``schedule`` (any :class:`~lightning_reg.core.Schedule`,
     for example :class:`EarlyDropoutSchedule`, :class:`CurriculumDropoutSchedule` or
-    ``LinearSchedule``). The rate is set at fit start and before every training batch from
+    ``LinearSchedule``). The rate is set before every training batch from
     ``trainer.current_epoch`` / ``trainer.global_step``, so a resumed run continues the schedule
     exactly. Logs ``reg/dropout/p`` on logging steps.
 
@@ -656,8 +634,7 @@ class DropoutCallback(pl.Callback):
         self.schedule = as_schedule(_check_p(p) if schedule is None else schedule, "schedule")
         if isinstance(self.schedule, ConstantSchedule):
             _check_p(self.schedule.value_)
-        if isinstance(apply_to, str):
-            apply_to = [apply_to]
+        apply_to = [apply_to] if isinstance(apply_to, str) else apply_to
         if apply_to is not None and not all(isinstance(glob, str) for glob in apply_to):
             raise TypeError(f"`apply_to` must be a list of str globs, got {apply_to!r}")
         self.apply_to = None if apply_to is None else list(apply_to)
@@ -688,7 +665,6 @@ class DropoutCallback(pl.Callback):
                 "model. Insert dropout with `lightning_reg.add_dropout(model, p)` or use "
                 "`DropoutCallback(..., insert=True)`, or fix `apply_to`."
             )
-        set_dropout_rate(self._dropouts, self._rate(trainer))
 
     @override
     def on_train_batch_start(

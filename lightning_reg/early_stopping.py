@@ -211,16 +211,6 @@ class EarlyStoppingCallback(EarlyStopping):
 
     Args:
         monitor: the metric to watch (as logged with ``self.log``).
-        min_delta: an improvement must exceed this (>= 0).
-        patience: checks without improvement before stopping (>= 0), for ``"patience"``.
-        verbose: log each improvement and the stop reason, as Lightning's ``EarlyStopping`` does.
-        mode: ``"min"`` or ``"max"``.
-        strict: raise if ``monitor`` (or ``train_monitor``) is missing; else skip the check.
-        check_finite: stop when the monitored metric is NaN or infinite.
-        stopping_threshold: stop once the metric reaches this finite value, or ``None``.
-        divergence_threshold: stop once the metric is worse than this finite value, or ``None``.
-        check_on_train_epoch_end: as in Lightning (``None``: decided from the Trainer).
-        log_rank_zero_only: as in Lightning.
         restore_best_weights: load the best epoch's weights into the module when fit ends.
         start_from_epoch: first epoch whose check counts (>= 0).
         baseline: a finite value the metric must beat to reset the wait count, or ``None``.
@@ -230,6 +220,24 @@ class EarlyStoppingCallback(EarlyStopping):
         pq_alpha: the α of ``PQ_α`` (> 0).
         strip_length: Prechelt's strip length ``k`` (>= 1) for ``"pq"``.
         train_monitor: the training-error metric for ``"pq"``.
+        **kwargs: the other arguments of Lightning's ``EarlyStopping``, keyword only, with its
+            defaults (LightningCLI and jsonargparse list them from its signature):
+
+            - ``min_delta``: an improvement must exceed this (>= 0).
+            - ``patience``: checks without improvement before stopping (>= 0), for
+              ``"patience"``.
+            - ``verbose``: log each improvement and the stop reason, as Lightning does.
+            - ``mode``: ``"min"`` or ``"max"``.
+            - ``strict``: raise if ``monitor`` (or ``train_monitor``) is missing; else skip the
+              check.
+            - ``check_finite``: stop when the monitored metric is NaN or infinite.
+            - ``stopping_threshold``: stop once the metric reaches this finite value, or
+              ``None``.
+            - ``divergence_threshold``: stop once the metric is worse than this finite value,
+              or ``None``.
+            - ``check_on_train_epoch_end``: as in Lightning (``None``: decided from the
+              Trainer).
+            - ``log_rank_zero_only``: as in Lightning.
 
     Attributes:
         best_epoch: the epoch of the best value (``-1`` before any).
@@ -261,16 +269,6 @@ class EarlyStoppingCallback(EarlyStopping):
         self,
         monitor: str,
         *,
-        min_delta: float = 0.0,
-        patience: int = 3,
-        verbose: bool = False,
-        mode: str = "min",
-        strict: bool = True,
-        check_finite: bool = True,
-        stopping_threshold: float | None = None,
-        divergence_threshold: float | None = None,
-        check_on_train_epoch_end: bool | None = None,
-        log_rank_zero_only: bool = False,
         restore_best_weights: bool = True,
         start_from_epoch: int = 0,
         baseline: float | None = None,
@@ -279,10 +277,11 @@ class EarlyStoppingCallback(EarlyStopping):
         pq_alpha: float = 0.5,
         strip_length: int = 5,
         train_monitor: str | None = None,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}")
-        if mode not in self.mode_dict:
+        if (mode := kwargs.get("mode", "min")) not in self.mode_dict:
             raise ModeError(f"`mode` can be {', '.join(self.mode_dict)}, got {mode}")
         if isinstance(criterion, str) and criterion in _DEPRECATED_CRITERIA:
             new = _DEPRECATED_CRITERIA[criterion]
@@ -296,20 +295,13 @@ class EarlyStoppingCallback(EarlyStopping):
                 "such as a loss or 1 - accuracy) and, for 'pq', a `train_monitor` naming a "
                 f"training-error metric; got mode={mode!r}, train_monitor={train_monitor!r}"
             )
-        patience = validation.check_int("patience", patience, 0)
-        super().__init__(
-            monitor=monitor,
-            min_delta=validation.check_non_negative("min_delta", min_delta),
-            patience=patience if criterion == "patience" else math.inf,  # type: ignore[arg-type]
-            verbose=verbose,
-            mode=mode,
-            strict=strict,
-            check_finite=check_finite,
-            stopping_threshold=_finite_or_none("stopping_threshold", stopping_threshold),
-            divergence_threshold=_finite_or_none("divergence_threshold", divergence_threshold),
-            check_on_train_epoch_end=check_on_train_epoch_end,
-            log_rank_zero_only=log_rank_zero_only,
-        )
+        # the parent flips the sign of `min_delta` by mode, so it is checked before
+        kwargs["min_delta"] = validation.check_non_negative("min_delta", kwargs.get("min_delta", 0))
+        super().__init__(monitor, **kwargs)
+        patience = validation.check_int("patience", self.patience, 0)
+        self.patience = patience if criterion == "patience" else math.inf  # type: ignore[assignment]
+        for name in ("stopping_threshold", "divergence_threshold"):
+            setattr(self, name, _finite_or_none(name, getattr(self, name)))
         self.restore_best_weights = bool(restore_best_weights)
         self.start_from_epoch = validation.check_int("start_from_epoch", start_from_epoch, 0)
         self.baseline = _finite_or_none("baseline", baseline)
@@ -327,13 +319,11 @@ class EarlyStoppingCallback(EarlyStopping):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        who = "EarlyStoppingCallback(restore_best_weights=True)"
-        why = (
-            "keeping the best weights needs the full, unsharded state dict on every rank "
-            "(restore_best_weights=False works with any strategy)"
-        )
         if self.restore_best_weights:
-            refuse_strategies(trainer, who, ALL_SHARDED, why)
+            who = "EarlyStoppingCallback(restore_best_weights=True)"
+            why = "keeping the best weights needs the full, unsharded state dict on every rank"
+            fix = "restore_best_weights=False works with any strategy"
+            refuse_strategies(trainer, who, ALL_SHARDED, f"{why} ({fix})")
 
     @override
     def state_dict(self) -> dict[str, Any]:

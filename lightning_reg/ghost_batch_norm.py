@@ -131,11 +131,11 @@ def ghost_batch_norm(
     direct = len(groups) == len(sizes)
     channels, spatial = x.shape[1], x.shape[2:]
     parts = torch.split(x, [k * size for size, k in groups])  # one backward for all parts
-    outs, stats = [], []
+    outs, stats, running = [], [], [running_mean, running_var]
     for i, ((size, k), lanes) in enumerate(zip(groups, parts)):
         if k > 1:
             lanes = lanes.reshape(k, size, channels, *spatial).transpose(0, 1).flatten(1, 2)
-        buffers, factor = [running_mean, running_var], 1.0
+        buffers, factor = running, 1.0
         if direct:
             n_seen = num_batches_tracked + i + 1
             factor = 1.0 / n_seen if momentum is None else momentum / len(sizes)
@@ -145,40 +145,35 @@ def ghost_batch_norm(
         affine = [t if t is None or k == 1 else t.repeat(k) for t in (weight, bias)]
         y = F.batch_norm(lanes, *buffers, *affine, True, factor, eps)
         outs.append(y if k == 1 else y.unflatten(1, (k, channels)).transpose(0, 1).flatten(0, 1))
-    if stats and running_mean is not None and running_var is not None:
+    if stats:
         stats = [torch.stack(b).view(2, -1, channels) for b in stats]
-        _update_running_stats_(
-            running_mean, running_var, torch.cat(stats, 1), momentum, num_batches_tracked
-        )
+        _update_running_stats_(running, torch.cat(stats, 1), momentum, num_batches_tracked)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 @torch.no_grad()
 def _update_running_stats_(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    stats: torch.Tensor,
-    momentum: float | None,
-    tracked: int,
+    running: list[Any], stats: torch.Tensor, momentum: float | None, tracked: int
 ) -> None:
     """BatchNorm's update after seeing ``n`` chunks in turn, in closed form (float32 or wider).
 
-    ``stats`` is ``(2, n, C)``: the chunks' means and unbiased variances. Momentum ``m``:
+    ``running`` is ``[running_mean, running_var]``, updated in place; ``stats`` is ``(2, n, C)``:
+    the chunks' means and unbiased variances. Momentum ``m``:
     ``r ← (1 − m/n)^n·r + Σ_k (m/n)(1 − m/n)^{n−1−k}·s_k``. ``None`` (cumulative average):
     ``r ← (t·r + Σ_k s_k) / (t + n)`` with ``t = tracked``.
     """
     n = stats.shape[1]
     dtype = torch.promote_types(stats.dtype, torch.float32)
     stats = stats.to(dtype)
-    old = torch.stack([running_mean, running_var]).to(dtype)
+    old = torch.stack(running).to(dtype)
     if momentum is None:
         new = (old * tracked + stats.sum(1)) / (tracked + n)
     else:
         m = momentum / n
-        w = torch.tensor([m * (1 - m) ** (n - 1 - k) for k in range(n)], dtype=dtype)
-        new = old * (1 - m) ** n + (w.to(stats.device).view(1, n, 1) * stats).sum(1)
-    running_mean.copy_(new[0])
-    running_var.copy_(new[1])
+        w = m * (1 - m) ** torch.arange(n - 1, -1, -1, dtype=dtype, device=stats.device)
+        new = old * (1 - m) ** n + (w.view(1, n, 1) * stats).sum(1)
+    for buffer, value in zip(running, new):
+        buffer.copy_(value)
 
 
 _BATCH_NORM_FORWARD = nn.BatchNorm2d.forward  # every BatchNorm1d/2d/3d shares this forward
@@ -248,12 +243,8 @@ class GhostBatchNorm(nn.Module):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)  # type: ignore[call-arg]
         self.virtual_batch_size = check_int("virtual_batch_size", virtual_batch_size, minimum=1)
         if impl is not None:
-            warnings.warn(
-                "GhostBatchNorm(impl=...) is deprecated and ignored: there is one implementation, "
-                "laid out for the device. The argument will be removed in the next release.",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+            msg = "GhostBatchNorm(impl=...) is deprecated and ignored (there is one implementation)"
+            warnings.warn(f"{msg}; it goes in the next release.", DeprecationWarning, stacklevel=2)
         self.last_num_virtual_batches = 0
         self._warned_small_batch = False
 
@@ -297,28 +288,21 @@ class GhostBatchNorm(nn.Module):
         target = next((g for b, g in _GHOST_OF.items() if isinstance(bn, b)), None)
         if target is None:
             raise TypeError(f"No ghost batch norm for {type(bn).__name__}; use BatchNorm1d/2d/3d")
-        src: Any = bn
-        ghost = target(src.num_features, src.eps, src.momentum, src.affine,
-                       src.track_running_stats, device="meta",
-                       virtual_batch_size=virtual_batch_size)  # fmt: skip
-        _share_state(bn, ghost)
-        return ghost
+        return _sharing_state(bn, target, virtual_batch_size=virtual_batch_size)
 
     def to_batch_norm(self) -> nn.Module:
         """The plain ``nn.BatchNormNd`` with the same parameters and buffers (shared)."""
-        bn: Any = self
-        plain = next(b for b in _BATCH_NORMS if isinstance(self, b))
-        out = plain(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                    device="meta")  # fmt: skip
-        _share_state(self, out)
-        return out
+        return _sharing_state(self, next(b for b in _BATCH_NORMS if isinstance(self, b)))
 
 
-def _share_state(src: nn.Module, dst: nn.Module) -> None:
-    """Make ``dst`` use ``src``'s very parameters and buffers (optimizers keep working)."""
+def _sharing_state(src: Any, cls: type[Any], **kwargs: Any) -> Any:
+    """A ``cls`` configured as ``src`` that uses ``src``'s very parameters and buffers (optimizers
+    keep working)."""
+    dst = cls(src.num_features, src.eps, src.momentum, src.affine, src.track_running_stats,
+              device="meta", **kwargs)  # fmt: skip
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         setattr(dst, name, getattr(src, name))
-    dst.train(src.training)
+    return dst.train(src.training)
 
 
 class GhostBatchNorm1d(GhostBatchNorm, nn.BatchNorm1d):
@@ -354,34 +338,7 @@ class GhostBatchNorm3d(GhostBatchNorm, nn.BatchNorm3d):
     input_dims = (5,)
 
 
-_GHOST_OF: dict[type[nn.Module], type[GhostBatchNorm]] = {
-    nn.BatchNorm1d: GhostBatchNorm1d,
-    nn.BatchNorm2d: GhostBatchNorm2d,
-    nn.BatchNorm3d: GhostBatchNorm3d,
-}
-
-
-def _no_batch_norm_error(model: nn.Module) -> RuntimeError:
-    lazy = [n for n, m in model.named_modules() if isinstance(m, _LAZY_BATCH_NORMS)]
-    sync = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
-    found = sorted({type(m).__name__ for m in model.modules()})
-    if lazy:
-        why = (
-            f"the BatchNorm layers {lazy[:3]} are lazy and not initialised yet. Run one "
-            "forward pass on a sample batch first (they then become nn.BatchNormNd)"
-        )
-    elif sync:
-        why = (
-            f"the BatchNorm layers {sync[:3]} are SyncBatchNorm (one batch over all ranks, "
-            "the opposite of per-rank virtual batches). Build the model with nn.BatchNormNd "
-            "and pass Trainer(plugins=[lightning_reg.GhostSyncBatchNorm()]) to sync the rest"
-        )
-    else:
-        why = (
-            f"found no nn.BatchNorm1d/2d/3d layer (the model has: {found}). Insert some with "
-            "lightning_reg.add_batch_norm(model)"
-        )
-    return RuntimeError(f"Ghost batch norm cannot be applied: {why}.")
+_GHOST_OF = dict(zip(_BATCH_NORMS, (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d)))
 
 
 def apply_ghost_batch_norm(model: nn.Module, virtual_batch_size: int) -> list[ModuleChange]:
@@ -410,19 +367,36 @@ def apply_ghost_batch_norm(model: nn.Module, virtual_batch_size: int) -> list[Mo
         'GhostBatchNorm2d'
     """
     virtual_batch_size = check_int("virtual_batch_size", virtual_batch_size, minimum=1)
-    if any(isinstance(m, _LAZY_BATCH_NORMS) for m in model.modules()):
-        raise _no_batch_norm_error(model)
 
     def convert(module: nn.Module, path: str) -> nn.Module | None:
-        if type(module).forward is not _BATCH_NORM_FORWARD:
+        if type(module).forward is not _BATCH_NORM_FORWARD:  # its own forward: left alone
             return None
         return GhostBatchNorm.from_batch_norm(module, virtual_batch_size)
 
-    policy = {t: convert for t in _BATCH_NORMS}
-    changes = replace_modules(model, policy, refuse_if_contains=(GhostBatchNorm,))
-    if not changes:
-        raise _no_batch_norm_error(model)
-    return changes
+    lazy = [n for n, m in model.named_modules() if isinstance(m, _LAZY_BATCH_NORMS)]
+    policy = dict.fromkeys(_BATCH_NORMS, convert)
+    changes = [] if lazy else replace_modules(model, policy, refuse_if_contains=(GhostBatchNorm,))
+    if changes:
+        return changes
+    sync = [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    if lazy:
+        why = (
+            f"the BatchNorm layers {lazy[:3]} are lazy and not initialised yet. Run one "
+            "forward pass on a sample batch first (they then become nn.BatchNormNd)"
+        )
+    elif sync:
+        why = (
+            f"the BatchNorm layers {sync[:3]} are SyncBatchNorm (one batch over all ranks, "
+            "the opposite of per-rank virtual batches). Build the model with nn.BatchNormNd "
+            "and pass Trainer(plugins=[lightning_reg.GhostSyncBatchNorm()]) to sync the rest"
+        )
+    else:
+        why = (
+            f"found no nn.BatchNorm1d/2d/3d layer (the model has: "
+            f"{sorted({type(m).__name__ for m in model.modules()})}). Insert some with "
+            "lightning_reg.add_batch_norm(model)"
+        )
+    raise RuntimeError(f"Ghost batch norm cannot be applied: {why}.")
 
 
 def remove_ghost_batch_norm(model: nn.Module) -> list[ModuleChange]:
@@ -452,12 +426,10 @@ class GhostSyncBatchNorm(TorchSyncBatchNorm):
 
     @override
     def apply(self, model: nn.Module) -> nn.Module:
-        def convert(module: nn.Module, path: str) -> nn.Module | None:
-            if isinstance(module, GhostBatchNorm):
-                return None  # per-rank virtual batches
-            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-
-        replace_modules(model, dict.fromkeys(_BATCH_NORMS, convert))
+        sync = nn.SyncBatchNorm.convert_sync_batchnorm
+        # The first matching type decides: ghost layers stay, with per-rank virtual batches.
+        keep_ghost = {GhostBatchNorm: lambda m, p: None}
+        replace_modules(model, {**keep_ghost, **dict.fromkeys(_BATCH_NORMS, lambda m, p: sync(m))})
         return model
 
 
@@ -500,47 +472,38 @@ class GhostBatchNormCallback(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_strategies(trainer, "GhostBatchNormCallback", ALL_SHARDED, "verified under DDP only")
-        ghosts = [m for m in pl_module.modules() if isinstance(m, GhostBatchNorm)]
-        sizes = {m.virtual_batch_size for m in ghosts}
-        if sizes - {self.virtual_batch_size}:
+        if not any(isinstance(m, GhostBatchNorm) for m in pl_module.modules()):
+            changes = apply_ghost_batch_norm(pl_module, self.virtual_batch_size)
+            rank_zero_info(format_changes(changes, "GhostBatchNormCallback"))
+        self._ghosts = [m for m in pl_module.modules() if isinstance(m, GhostBatchNorm)]
+        sizes = {m.virtual_batch_size for m in self._ghosts}
+        if sizes != {self.virtual_batch_size}:
             raise RuntimeError(
                 f"The model already has ghost batch norm with virtual_batch_size={sorted(sizes)}, "
                 f"but GhostBatchNormCallback({self.virtual_batch_size}) was given. Call "
                 "remove_ghost_batch_norm(model) first or use one virtual batch size."
             )
-        if not ghosts:
-            changes = apply_ghost_batch_norm(pl_module, self.virtual_batch_size)
-            rank_zero_info(format_changes(changes, "GhostBatchNormCallback"))
-            ghosts = [m for m in pl_module.modules() if isinstance(m, GhostBatchNorm)]
-        self._ghosts = ghosts
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         present = {id(m) for m in pl_module.modules()}
         lost = sum(id(g) not in present for g in self._ghosts)
-        if not lost:
-            return
-        if any(isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules()):
+        if lost and any(isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules()):
             raise RuntimeError(
                 f"Trainer(sync_batchnorm=True) turned {lost} ghost batch norm layer(s) into "
                 "SyncBatchNorm, which normalises one batch over all ranks and undoes ghost batch "
-                "norm. Drop sync_batchnorm=True and pass "
-                "Trainer(plugins=[lightning_reg.GhostSyncBatchNorm()]): it syncs the other "
-                "BatchNorm layers and keeps ghost layers per rank."
+                "norm. Drop sync_batchnorm=True and pass Trainer(plugins=[lightning_reg."
+                "GhostSyncBatchNorm()]): it syncs the other BatchNorm layers, ghost ones per rank."
             )
-        raise RuntimeError(
-            f"{lost} ghost batch norm layer(s) were removed from the model after "
-            "GhostBatchNormCallback.setup. Run surgery that replaces BatchNorm layers before it."
-        )
+        if lost:
+            raise RuntimeError(
+                f"{lost} ghost batch norm layer(s) were removed from the model after "
+                "GhostBatchNormCallback.setup. Run surgery that replaces BatchNorm before it."
+            )
 
     @override
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
         if self._ghosts and is_logging_step(trainer):
             count = max(m.last_num_virtual_batches for m in self._ghosts)

@@ -51,10 +51,10 @@ _HOW_TO_FIX = (
 )
 
 
-def _check_projections(n_projections: Any) -> int | str:
+def _check_projections(name: str, n_projections: Any) -> int | str:
     if isinstance(n_projections, str):
-        return check_choice("n_projections", n_projections, ("exact",))
-    return check_int("n_projections", n_projections, 1)
+        return check_choice(name, n_projections, ("exact",))
+    return check_int(name, n_projections, 1)
 
 
 def _leaf(x: Tensor) -> Tensor:
@@ -162,7 +162,7 @@ def jacobian_penalty(
         J. Hoffman, D. A. Roberts, S. Yaida, "Robust Learning with Jacobian Regularization",
         arXiv:1908.02729, 2019.
     """
-    n = _check_projections(n_projections)
+    n = _check_projections("n_projections", n_projections)
     _check_graph(inputs, outputs, "outputs")
     if outputs.ndim < 1 or inputs.ndim < 1 or outputs.shape[0] != inputs.shape[0]:
         raise ValueError(
@@ -172,16 +172,13 @@ def jacobian_penalty(
     if not outputs.numel():
         return outputs.new_zeros((), dtype=torch.float32)
     batch, dim, device = outputs.shape[0], outputs[0].numel(), outputs.device
-    if n == "exact":  # v = e_c for each output dimension c
-        projections, factor = torch.eye(dim, device=device)[:, None].expand(dim, batch, dim), 1.0
-    else:
-        projections = [
-            random_unit_projections(batch, dim, device=device, generator=generator)
-            for _ in range(int(n))
-        ]
-        factor = dim / int(n)
+    if n == "exact":  # v = e_c for each output dimension c: the sum below is exact with n = C
+        n, projections = dim, torch.eye(dim, device=device)[:, None].expand(dim, batch, dim)
+    else:  # n random unit vectors per sample
+        v = random_unit_projections(int(n) * batch, dim, device=device, generator=generator)
+        projections = v.view(int(n), batch, dim)
     squares = sum(_vjp_sq(outputs, inputs, v, create_graph, grad_scale) for v in projections)
-    return squares * (factor / batch)
+    return squares * (dim / int(n) / batch)
 
 
 def input_gradient_penalty(
@@ -246,20 +243,13 @@ def _weighted(
     return weight * value
 
 
-class _Checked:
-    """An attribute validated on assignment by ``check(name, value)``, with a default."""
+def _checked(name: str, check: Callable[[str, Any], Any], default: Any) -> Any:
+    """A property named ``name``, validated on assignment by ``check(name, value)``."""
 
-    def __init__(self, check: Callable[[str, Any], Any], default: Any) -> None:
-        self.check, self.default = check, default
+    def set_value(obj: Any, value: Any) -> None:
+        obj.__dict__[name] = check(name, value)
 
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        return self if obj is None else obj.__dict__.get(self.name, self.default)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__[self.name] = self.check(self.name, value)
+    return property(lambda obj: obj.__dict__.get(name, default), set_value)
 
 
 class JacobianPenaltyMixin:
@@ -319,8 +309,8 @@ class JacobianPenaltyMixin:
         arXiv:1908.02729, 2019.
     """
 
-    jacobian_weight = _Checked(check_non_negative, 0.01)
-    jacobian_projections = _Checked(lambda _, value: _check_projections(value), 1)
+    jacobian_weight = _checked("jacobian_weight", check_non_negative, 0.01)
+    jacobian_projections = _checked("jacobian_projections", _check_projections, 1)
 
     jacobian_inputs = staticmethod(_leaf)
 
@@ -369,7 +359,7 @@ class InputGradientPenaltyMixin:
         backpropagation", IEEE Transactions on Neural Networks 3(6), 1992.
     """
 
-    input_gradient_weight = _Checked(check_non_negative, 0.01)
+    input_gradient_weight = _checked("input_gradient_weight", check_non_negative, 0.01)
 
     input_gradient_inputs = staticmethod(_leaf)
 

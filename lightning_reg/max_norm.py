@@ -98,10 +98,9 @@ class _Bucket:
 def _plan(selected: Iterable[SelectedParam], dim: Dim) -> list[_Bucket]:
     """Bucket the non-empty tensors by (device, dtype), each with the dims it reduces over."""
     dims: dict[torch.Tensor, tuple[int, ...]] = {}
-    for s in selected:
-        t = s.param
+    for _, t, unit_dim in selected:
         if dim is None or dim == "unit":
-            dims[t] = tuple(d for d in range(t.ndim) if dim is None or d != s.unit_dim)
+            dims[t] = tuple(d for d in range(t.ndim) if dim is None or d != unit_dim)
         else:
             dims[t] = tuple(sorted({d % t.ndim for d in ((dim,) if isinstance(dim, int) else dim)}))
     groups = split_by_device_dtype(t for t in dims if t.numel())
@@ -247,7 +246,6 @@ class WeightConstraintCallback(ParamCallback):
         self.max_norm = check_positive("max_norm", max_norm)
         self.dim = _check_dim(dim)
         super().__init__(params, after_step=True)
-        self._want_stats = False
         self._done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (norms, scales) to log
 
     @property
@@ -275,23 +273,13 @@ class WeightConstraintCallback(ParamCallback):
             return
         radius = self.max_norm if self.constraint == "max_norm" else None
         done = [bucket.rescale_(radius) for _, plan in groups for bucket in plan]
-        if self._want_stats and self.constraint == "max_norm":  # the buffers are reused: copy
+        # on logging steps, keep the stats for `on_train_batch_end` (the buffers are reused: copy)
+        if self.constraint == "max_norm" and is_logging_step(self._module.trainer):
             self._done += [(norms.clone(), scales) for norms, scales in done]
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._want_stats, self._done = is_logging_step(trainer), []
-
-    @override
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
         if self._done:
             stats, self._done = _stats(self._done), []
@@ -325,11 +313,5 @@ class MaxNormCallback(WeightConstraintCallback):
         Prevent Neural Networks from Overfitting", JMLR 2014.
     """
 
-    def __init__(
-        self,
-        max_norm: float = 3.0,
-        *,
-        dim: str | int | tuple[int, ...] | None = "unit",
-        params: str | ParamSelection = "weights",
-    ) -> None:
-        super().__init__("max_norm", max_norm=max_norm, dim=dim, params=params)
+    def __init__(self, max_norm: float = 3.0, **kwargs: Any) -> None:
+        super().__init__("max_norm", max_norm=max_norm, **kwargs)

@@ -135,14 +135,13 @@ def cutmix(
         Localizable Features", ICCV 2019.
     """
     height, width = x.shape[-2], x.shape[-1]
-    y0, y1, x0, x1 = boxes.to(x.device).unbind(1)
-    rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
-    in_rows = (rows >= y0[:, None]) & (rows < y1[:, None])
-    in_cols = (cols >= x0[:, None]) & (cols < x1[:, None])
-    mask = in_rows[:, :, None] & in_cols[:, None, :]  # (n, H, W)
+    y0, y1, x0, x1 = boxes.to(x.device)[:, :, None, None].unbind(1)  # each (n, 1, 1)
+    rows = torch.arange(height, device=x.device)[:, None]
+    cols = torch.arange(width, device=x.device)
+    mask = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (n, H, W)
     mask = mask.view(mask.shape[0], *([1] * (x.ndim - 3)), height, width)
     x_mix = torch.where(mask, x[perm], x)
-    lam = 1.0 - ((y1 - y0) * (x1 - x0)).to(torch.float32) / float(height * width)
+    lam = 1.0 - ((y1 - y0) * (x1 - x0)).flatten().to(torch.float32) / float(height * width)
     return x_mix, torch.lerp(targets[perm], targets, _weights(lam, targets)), lam
 
 
@@ -326,10 +325,10 @@ class MixUpCutMixCallback(Callback):
         x_cut, y_cut, lam_cut = cutmix(x, soft, params["boxes"], perm)
         if self.mixup_alpha == 0 or self.mode == "batch":
             return x_cut, y_cut, lam_cut
-        x_mix, y_mix = mixup(x, soft, lam, perm)  # per sample: CutMix where `cut`, else MixUp
-        x_out = torch.where(_weights(cut, x) > 0, x_cut, x_mix)
-        y_out = torch.where(_weights(cut, soft) > 0, y_cut, y_mix)
-        return x_out, y_out, torch.where(cut, lam_cut, lam)
+        # per sample: CutMix where `cut`, else MixUp (those samples got an empty box: x_cut = x)
+        x_out = torch.lerp(x[perm], x_cut, _weights(torch.where(cut, 1.0, lam), x))
+        lam = torch.where(cut, lam_cut, lam)
+        return x_out, torch.lerp(soft[perm], soft, _weights(lam, soft)), lam
 
     def soft_targets(self, y: torch.Tensor) -> torch.Tensor:
         """``y`` as smoothed soft targets; the label range is checked on the first call."""

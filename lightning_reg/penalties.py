@@ -46,11 +46,11 @@ __all__ = [
 ]
 
 
-def _norm_sum(tensors: Sequence[torch.Tensor], ord: float) -> torch.Tensor:
+def _norm_sum(params: Params, ord: float) -> torch.Tensor:
     """Σ over tensors of ‖t‖_ord^ord (‖t‖_0: non-zero count), accumulated in float32 or wider
     (float64 stays float64), with one foreach kernel per (device, dtype)."""
     total = torch.zeros(())
-    for group in split_by_device_dtype(tensors):
+    for group in split_by_device_dtype(s.param for s in resolve_params(params)):
         acc = torch.promote_types(group[0].dtype, torch.float32)
         norms = torch.stack(compat.foreach_norm(group, ord, dtype=acc))
         part = norms.square().sum() if ord == 2 else norms.sum()
@@ -73,8 +73,7 @@ def l1_penalty(params: Params, strength: float = 1.0) -> torch.Tensor:
         >>> l1_penalty([torch.tensor([1.0, -2.0])], 0.5)
         tensor(1.5000)
     """
-    check_non_negative("strength", strength)
-    return strength * _norm_sum([s.param for s in resolve_params(params)], 1)
+    return check_non_negative("strength", strength) * _norm_sum(params, 1)
 
 
 def l2_penalty(params: Params, strength: float = 1.0) -> torch.Tensor:
@@ -91,8 +90,7 @@ def l2_penalty(params: Params, strength: float = 1.0) -> torch.Tensor:
         >>> l2_penalty([torch.tensor([1.0, -2.0])], 1.0)
         tensor(2.5000)
     """
-    check_non_negative("strength", strength)
-    return 0.5 * strength * _norm_sum([s.param for s in resolve_params(params)], 2)
+    return 0.5 * check_non_negative("strength", strength) * _norm_sum(params, 2)
 
 
 def elastic_net_penalty(params: Params, l1: float, l2: float) -> torch.Tensor:
@@ -124,11 +122,10 @@ def add_penalty_grad_(params: Sequence[torch.Tensor], l1: float = 0.0, l2: float
         tensor([2., 0.])
     """
     for ps in split_by_device_dtype(p for p in params if p.grad is not None):
-        grads = [p.grad for p in ps]
         if l2:
-            compat.foreach_add_(grads, ps, alpha=l2)
+            compat.foreach_add_([p.grad for p in ps], ps, alpha=l2)
         if l1:
-            compat.foreach_add_(grads, compat.foreach_sign(ps), alpha=l1)
+            compat.foreach_add_([p.grad for p in ps], compat.foreach_sign(ps), alpha=l1)
 
 
 @torch.no_grad()
@@ -212,12 +209,6 @@ class WeightPenaltyCallback(ParamCallback):
         self.name = name
         super().__init__(params, before_step=self.decoupled, after_step=self.proximal)
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            l1=self.l1, l2=self.l2, proximal=self.proximal, decoupled=self.decoupled
-        )
-
     @override
     def before_step(self, groups: list[Group]) -> None:
         for group, tensors in groups:
@@ -246,12 +237,11 @@ class WeightPenaltyCallback(ParamCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        logging = is_logging_step(trainer)
-        tensors = [s.param.detach() for s in self.selected(pl_module)] if logging else []
-        if not tensors:
+        if not is_logging_step(trainer):
             return
+        tensors = [s.param.detach() for s in self.selected(pl_module)]
         values = {f"reg/{self.name}/penalty": elastic_net_penalty(tensors, self.l1, self.l2)}
-        if self.l1:  # ‖t‖_0 counts the non-zero entries
+        if self.l1 and tensors:  # ‖t‖_0 counts the non-zero entries
             numel = sum(t.numel() for t in tensors)
             values[f"reg/{self.name}/zero_fraction"] = 1.0 - _norm_sum(tensors, 0) / numel
         log_scalars(pl_module, values)
@@ -280,11 +270,7 @@ class L2Callback(WeightPenaltyCallback):
     """
 
     def __init__(
-        self,
-        strength: float,
-        *,
-        decoupled: bool = False,
-        params: str | ParamSelection = "weights",
+        self, strength: float, *, decoupled: bool = False, params: str | ParamSelection = "weights"
     ) -> None:
         check_non_negative("strength", strength)
         super().__init__(
@@ -316,11 +302,7 @@ class L1Callback(WeightPenaltyCallback):
     """
 
     def __init__(
-        self,
-        strength: float,
-        *,
-        proximal: bool = False,
-        params: str | ParamSelection = "weights",
+        self, strength: float, *, proximal: bool = False, params: str | ParamSelection = "weights"
     ) -> None:
         check_non_negative("strength", strength)
         super().__init__(l1=strength, proximal=proximal and strength > 0, params=params, name="l1")

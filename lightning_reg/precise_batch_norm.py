@@ -54,11 +54,8 @@ def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         >>> [p for p, _ in batch_norm_layers(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))]
         ['1']
     """
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, _BATCH_NORMS) and m.track_running_stats and m.running_mean is not None
-    ]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BATCH_NORMS)]
+    return [(n, m) for n, m in layers if m.track_running_stats and m.running_mean is not None]
 
 
 def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor) -> Moments:
@@ -170,9 +167,8 @@ def recompute_batch_norm_stats(
     forward = forward_fn or (lambda m, batch: m(_model_input(batch, input_key)))
     used = 0
     try:
-        with training_flags_restored(model) as modules:
-            for module in modules:
-                module.training = False
+        with training_flags_restored(model):
+            model.eval()
             # A plain fp32/fp64 BatchNorm computes the batch statistics anyway: with momentum 1
             # its buffers hold the batch mean and unbiased variance after each forward (no second
             # pass). Other layers (ghost, SyncBatchNorm, custom, fp16/bf16 buffers) normalise with

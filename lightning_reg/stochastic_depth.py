@@ -243,15 +243,10 @@ def stochastic_depth(
         >>> stochastic_depth(nn.Identity(), torch.ones(2), False, 0.5)
         tensor([1., 1.])
     """
-    if isinstance(keep, torch.Tensor) and keep.dim() == 0:
-        keep = bool(keep)  # a host tensor in practice: no device sync
-    if isinstance(keep, bool):
-        if not keep:
-            return _skip(x, block)
-        y = block(x, *args, **kwargs)
-        return _with_hidden(y, _lerp(x, _hidden(block, x, y), survival_prob))
-    keep = keep.cpu()
     size = x.shape[batch_dim]
+    keep = torch.as_tensor(keep).cpu()  # a host tensor in practice: no device sync
+    if keep.dim() == 0:  # one decision for the whole batch
+        keep = keep.expand(size)
     if tuple(keep.shape) != (size,):
         raise RuntimeError(
             f"Row-mode keep decisions must have shape ({size},) (the batch size along dim "
@@ -261,7 +256,8 @@ def stochastic_depth(
     if kept_idx.numel() == 0:
         return _skip(x, block)
     if kept_idx.numel() == size:
-        return stochastic_depth(block, x, True, survival_prob, *args, **kwargs)
+        y = block(x, *args, **kwargs)
+        return _with_hidden(y, _lerp(x, _hidden(block, x, y), survival_prob))
     idx = kept_idx.to(x.device, non_blocking=True)
     x_kept = x.index_select(batch_dim, idx)
     modules = block.modules() if isinstance(block, nn.Module) else ()
@@ -298,10 +294,11 @@ class StochasticDepthWrapper(SurgeryWrapper):
     level), so checkpoints of the wrapped and of the plain model load into each other, and
     attributes the wrapper does not have are read from the block (``wrapper.self_attn``).
 
-    The output shape is checked against the input's the first time the block runs. If the very
-    first training forward drops it, the block runs once in eval mode without gradients to check
-    it (no change to BatchNorm statistics), so a block that is not shape-preserving fails at its
-    first forward whatever the draw.
+    The output shape is checked against the input's whenever a training forward computes the
+    block, and at the first eval forward. The first time a training forward drops a block not yet
+    checked, the block runs once in eval mode without gradients to check it (no change to
+    BatchNorm statistics), so a block that is not shape-preserving fails at its first forward
+    whatever the draw.
 
     In ``mode="row"``, a BatchNorm inside the block sees only the kept rows, so its batch
     statistics come from fewer samples (from the whole batch when a single row is kept).
@@ -344,9 +341,8 @@ class StochasticDepthWrapper(SurgeryWrapper):
         self.block = block
         self.survival_prob = check_probability("survival_prob", survival_prob, allow_zero=False)
         self.mode: str = check_choice("mode", mode, _MODES)
-        if batch_dim is None:
-            seq_first = isinstance(block, _TORCH_LAYERS) and not block.self_attn.batch_first
-            batch_dim = 1 if seq_first else 0
+        if batch_dim is None:  # torch transformer layers default to (S, B, E)
+            batch_dim = int(isinstance(block, _TORCH_LAYERS) and not block.self_attn.batch_first)
         self.batch_dim = check_int("batch_dim", batch_dim, minimum=0)
         #: CPU generator for the decisions (``None``: torch's global CPU RNG). Batch mode takes its
         #: draws 64 at a time: after reseeding it by hand, call :meth:`reset_counts`.
@@ -354,11 +350,10 @@ class StochasticDepthWrapper(SurgeryWrapper):
         #: ``(l, L)``: position among the candidate blocks, set by :func:`apply_stochastic_depth`.
         self.depth_position: tuple[int, int] | None = None
         #: Decisions drawn and dropped since the last :meth:`reset_counts` (blocks or rows).
-        self.drawn = 0
-        self.dropped = 0
-        self._verified = False
-        self._arity: int | None = None  # length of the block's tuple output; None: a tensor
-        self.train(block.training)  # a new module starts in training mode; follow the block
+        self.drawn = self.dropped = 0
+        #: Length of the block's tuple output (0: a tensor), set once the output is checked.
+        self._arity: int | None = None
+        self.training = block.training  # follow the block (``train()`` would reset its subtree)
         hide_wrapper_level(self, "block")
 
     def unwrap(self) -> nn.Module:
@@ -382,31 +377,30 @@ class StochasticDepthWrapper(SurgeryWrapper):
         if self.generator is not None:
             _UNIFORMS.pop(self.generator, None)
 
-    def _seen(self, x: torch.Tensor, y: Any) -> Any:
-        """Check the block's first output and remember whether it returns a tuple."""
-        if not self._verified:
+    def _checked(self, x: torch.Tensor, y: Any) -> Any:
+        """``y``, the block's output; the first one is checked and its tuple length kept."""
+        if self._arity is None:
             _hidden(self.block, x, y)
-            self._verified = True
-            self._arity = len(y) if isinstance(y, (tuple, list)) else None
+            self._arity = len(y) if isinstance(y, (tuple, list)) else 0
         return y
 
     def _drop(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not self._verified:  # check the shape once, without touching BN statistics
+        if self._arity is None:  # check the shape once, without touching BN statistics
             with torch.no_grad(), training_flags_restored(self.block):
-                self._seen(x, self.block.eval()(x, *args, **kwargs))
+                self._checked(x, self.block.eval()(x, *args, **kwargs))
         out = _skip(x, self.block)
-        return out if self._arity is None else (out, *[None] * (self._arity - 1))
+        return (out, *[None] * (self._arity - 1)) if self._arity else out
 
     @override
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         block, p = self.block, self.survival_prob
         if not self.training or p == 1.0:
-            return self._seen(x, block(x, *args, **kwargs))
+            return self._checked(x, block(x, *args, **kwargs))
         if self.mode == "batch":
             self.drawn += 1
-            if _uniform(self.generator) < p:
+            if _uniform(self.generator) < p:  # kept: ``_hidden`` checks the output shape
                 y = block(x, *args, **kwargs)
-                return self._seen(x, _with_hidden(y, _lerp(x, _hidden(block, x, y), p)))
+                return _with_hidden(y, _lerp(x, _hidden(block, x, y), p))
             self.dropped += 1
             return self._drop(x, args, kwargs)
         keep = sample_keep(p, x.shape[self.batch_dim], generator=self.generator)
@@ -415,8 +409,7 @@ class StochasticDepthWrapper(SurgeryWrapper):
         self.dropped += keep.shape[0] - n_kept
         if n_kept == 0:
             return self._drop(x, args, kwargs)
-        y = stochastic_depth(block, x, keep, p, *args, batch_dim=self.batch_dim, **kwargs)
-        return self._seen(x, y)
+        return stochastic_depth(block, x, keep, p, *args, batch_dim=self.batch_dim, **kwargs)
 
     @override
     def extra_repr(self) -> str:
@@ -461,12 +454,8 @@ def is_residual_block(
 def default_block_types() -> tuple[type[nn.Module], ...]:
     """Deprecated (removed in the next release): blocks are recognised by structure now, see
     :func:`is_residual_block`. Returns the types the old default wrapped."""
-    warnings.warn(
-        "default_block_types() is deprecated: apply_stochastic_depth recognises residual "
-        "blocks by structure (see is_residual_block).",
-        DeprecationWarning,
-        stacklevel=2,
-    )
+    why = "apply_stochastic_depth recognises residual blocks by structure (is_residual_block)"
+    warnings.warn(f"default_block_types() is deprecated: {why}.", DeprecationWarning, stacklevel=2)
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     return (BasicBlock, Bottleneck, *_TORCH_LAYERS)
@@ -488,32 +477,6 @@ def _resolve_block_types(
                 f"('package.module.Class'); cannot import {spec!r} as one"
             )
     return tuple(resolved)
-
-
-def _candidates(
-    model: nn.Module, types: tuple[type[nn.Module], ...] | None
-) -> list[tuple[nn.Module, bool]]:
-    """Candidate blocks ``(module, wrappable)`` in depth (registration) order. A block with a
-    non-``None`` ``downsample`` changes the shape: it is not wrappable, but counts in ``L``
-    unless it holds candidates itself (then it is a stage, such as timm's ``ConvNeXtStage``)."""
-    found: list[tuple[nn.Module, bool]] = []
-
-    def visit(parent: nn.Module, parent_name: str) -> None:
-        for name, child in parent.named_children():
-            if types is not None:
-                candidate = isinstance(child, types)
-            else:
-                candidate = is_residual_block(child, parent, parent_name)
-            if candidate and getattr(child, "downsample", None) is None:
-                found.append((child, True))
-                continue
-            before = len(found)
-            visit(child, name)
-            if candidate and len(found) == before:
-                found.append((child, False))
-
-    visit(model, "")
-    return found
 
 
 def apply_stochastic_depth(
@@ -556,25 +519,34 @@ def apply_stochastic_depth(
         >>> [c.new_type for c in apply_stochastic_depth(model, 0.5)]
         ['StochasticDepthWrapper', 'StochasticDepthWrapper']
     """
-    p_last = check_probability("survival_prob_last", survival_prob_last, allow_zero=False)
-    check_choice("schedule", schedule, _SCHEDULES)
     check_choice("mode", mode, _MODES)
     types = _resolve_block_types(block_types)
-    candidates = _candidates(model, types)
-    total = len(candidates)
-    probs = survival_probabilities(max(total, 1), p_last, schedule)
-    plan = {id(m): (k, p) for k, ((m, ok), p) in enumerate(zip(candidates, probs), 1) if ok}
+    is_candidate = is_residual_block if types is None else lambda m, *_: isinstance(m, types)
+    candidates: list[tuple[nn.Module, bool]] = []  # (block, wrappable), in depth order
 
-    def wrap(module: nn.Module, path: str) -> nn.Module | None:
-        if id(module) not in plan:
-            return None
-        wrapper = StochasticDepthWrapper(module, plan[id(module)][1], mode=mode)
-        wrapper.depth_position = (plan[id(module)][0], total)
-        return wrapper
+    def visit(parent: nn.Module, parent_name: str) -> None:
+        # A block with a ``downsample`` changes the shape: not wrappable, but it counts in ``L``
+        # unless it holds candidates itself (then it is a stage, such as timm's ConvNeXtStage).
+        for name, child in parent.named_children():
+            candidate = is_candidate(child, parent, parent_name)
+            if candidate and getattr(child, "downsample", None) is None:
+                candidates.append((child, True))
+                continue
+            before = len(candidates)
+            visit(child, name)
+            if candidate and len(candidates) == before:
+                candidates.append((child, False))
 
-    changes = replace_modules(
-        model, {nn.Module: wrap}, refuse_if_contains=(StochasticDepthWrapper,)
-    )
+    visit(model, "")
+    total = len(candidates)  # survival_probabilities validates survival_prob_last and schedule
+    probs = survival_probabilities(max(total, 1), survival_prob_last, schedule)
+    wrappers: dict[int, StochasticDepthWrapper] = {}
+    for k, ((block, wrappable), p) in enumerate(zip(candidates, probs), 1):
+        if wrappable:
+            wrappers[id(block)] = StochasticDepthWrapper(block, p, mode=mode)
+            wrappers[id(block)].depth_position = (k, total)
+    policy = {nn.Module: lambda module, path: wrappers.get(id(module))}
+    changes = replace_modules(model, policy, refuse_if_contains=(StochasticDepthWrapper,))
     if not changes:
         present = ", ".join(sorted({type(m).__name__ for m in model.modules()}))
         wanted = "residual" if types is None else ", ".join(t.__name__ for t in types)
@@ -605,9 +577,7 @@ def expected_depth(model: nn.Module) -> float:
     """``E[number of blocks computed] = sum_l p_l`` over the candidate blocks of ``model``
     (unwrapped candidates count 1). ``0.0`` if nothing is wrapped."""
     wrappers = [m for m in model.modules() if isinstance(m, StochasticDepthWrapper)]
-    if not wrappers:
-        return 0.0
-    total = max((w.depth_position or (0, len(wrappers)))[1] for w in wrappers)
+    total = max(((w.depth_position or (0, len(wrappers)))[1] for w in wrappers), default=0)
     return total - math.fsum(1.0 - w.survival_prob for w in wrappers)
 
 
@@ -682,27 +652,19 @@ class StochasticDepthCallback(pl.Callback):
         seed = None if seed is None else check_int("seed", seed, minimum=0)
         self.rng = CallbackRNG(seed, salt=0x5D, per_rank=self.mode == "row")
         self.changes: list[ModuleChange] = []
-        self._wrappers: list[StochasticDepthWrapper] = []
+        #: The wrappers this callback inserted, in depth order.
+        self.wrappers: list[StochasticDepthWrapper] = []
 
     @property
     def seed(self) -> int | None:
         """The base seed of the decisions (set at ``setup`` when not given)."""
         return self.rng.seed
 
-    @property
-    def wrappers(self) -> list[StochasticDepthWrapper]:
-        """The wrappers this callback inserted, in depth order."""
-        return list(self._wrappers)
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_strategies(
-            trainer,
-            "StochasticDepthCallback",
-            ALL_SHARDED,
-            "skipping a dropped block's compute is verified with DDP's gradient reducer only",
-        )
-        ours = {id(w) for w in self._wrappers}
+        why = "skipping a dropped block's compute is verified with DDP's gradient reducer only"
+        refuse_strategies(trainer, "StochasticDepthCallback", ALL_SHARDED, why)
+        ours = {id(w) for w in self.wrappers}
         if not any(id(m) in ours for m in pl_module.modules()):
             # Not wrapped yet (or wrapped by someone else: apply refuses that loudly).
             self.changes = apply_stochastic_depth(
@@ -712,9 +674,7 @@ class StochasticDepthCallback(pl.Callback):
                 schedule=self.schedule,
                 mode=self.mode,
             )
-            self._wrappers = [
-                m for m in pl_module.modules() if isinstance(m, StochasticDepthWrapper)
-            ]
+            self.wrappers = [pl_module.get_submodule(c.path) for c in self.changes]
             rank_zero_info(format_changes(self.changes, "Stochastic depth"))
         self.rng.setup(trainer)
 
@@ -723,7 +683,7 @@ class StochasticDepthCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         generator, _ = self.rng.next(torch.device("cpu"))
-        for wrapper in self._wrappers:
+        for wrapper in self.wrappers:
             wrapper.generator = generator
             wrapper.reset_counts()
 
@@ -736,12 +696,12 @@ class StochasticDepthCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not self._wrappers or not is_logging_step(trainer):
+        if not is_logging_step(trainer):
             return
-        drawn = sum(w.drawn for w in self._wrappers)
-        dropped = sum(w.dropped for w in self._wrappers)
+        drawn = sum(w.drawn for w in self.wrappers)
+        dropped = sum(w.dropped for w in self.wrappers)
         values = {
-            f"{_LOG_PREFIX}/blocks": float(len(self._wrappers)),
+            f"{_LOG_PREFIX}/blocks": float(len(self.wrappers)),
             f"{_LOG_PREFIX}/expected_depth": expected_depth(pl_module),
         }
         if drawn:

@@ -85,7 +85,7 @@ def test_affine_rotation_matches_kornia_rotate(angle):
 )
 def test_crop_boxes_follow_torchvision_rule(h, w, s0, seed):
     scale, ratio = (s0, 1.0), (3 / 4, 4 / 3)
-    boxes = sample_crop_boxes(64, h, w, scale, ratio, generator=gen(seed))
+    boxes, _ = sample_crop_boxes((64, h, w), scale, ratio, gen(seed), None)
     x0, y0, bw, bh = boxes.unbind(1)
     assert torch.equal(boxes, boxes.round())
     assert bool((bw >= 1).all() and (bh >= 1).all())
@@ -108,7 +108,8 @@ def test_crop_boxes_fallback_is_torchvisions_central_crop(h, w, ratio):
     if ratio[0] <= w / h <= ratio[1]:
         pytest.skip("the full image fits this ratio, so a candidate fits")
     i, j, bh, bw = T.RandomResizedCrop.get_params(torch.zeros(1, h, w), (1.0, 1.0), ratio)
-    boxes = sample_crop_boxes(8, h, w, (1.0, 1.0), ratio, gen())
+    boxes, found = sample_crop_boxes((8, 1, h, w), (1.0, 1.0), ratio, gen(), None)
+    assert not found.any()
     assert torch.equal(boxes, torch.tensor([[j, i, bw, bh]] * 8, dtype=torch.float32))
 
 

@@ -857,8 +857,15 @@ def test_loads_from_a_cli_config():
     parser.add_class_arguments(EarlyStoppingCallback, "es")
     cfg = parser.parse_string(
         "es:\n  monitor: val_loss\n  criterion: pq\n  train_monitor: train_loss_epoch\n"
-        "  baseline: 0.5\n"
+        "  baseline: 0.5\n  min_delta: 0.1\n  mode: min\n  check_on_train_epoch_end: false\n"
     )
     es = parser.instantiate_classes(cfg).es
     assert isinstance(es, EarlyStoppingCallback)
     assert (es.criterion, es.train_monitor, es.baseline) == ("pq", "train_loss_epoch", 0.5)
+    # Lightning's own arguments reach the parent through **kwargs, and unknown ones are refused
+    assert (es.min_delta, es.mode, es._check_on_train_epoch_end) == (-0.1, "min", False)
+    cfg = parser.parse_string("es:\n  monitor: val_loss\n  patience: 7\n  verbose: true\n")
+    es = parser.instantiate_classes(cfg).es
+    assert (es.patience, es.verbose, es.strict) == (7, True, True)
+    with pytest.raises(SystemExit):
+        parser.parse_string("es:\n  monitor: val_loss\n  patients: 7\n")

@@ -9,6 +9,7 @@ what to do instead.
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping, MutableSequence
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ _TUPLE_HELP = (
 )
 
 
+@dataclass(eq=False)
 class BatchSlot:
     """One slot (inputs or targets) of a batch, addressed by index, key or user functions.
 
@@ -36,23 +38,18 @@ class BatchSlot:
         TypeError: if ``key`` is neither int nor str, or a getter/setter is not callable.
     """
 
-    def __init__(
-        self,
-        key: BatchKey,
-        *,
-        getter: Callable[[Any], torch.Tensor] | None = None,
-        setter: Callable[[Any, torch.Tensor], None] | None = None,
-        role: str = "input",
-    ) -> None:
-        if isinstance(key, bool) or not isinstance(key, (int, str)):
-            raise TypeError(f"`{role}_key` must be an int index or a str key, got {key!r}")
-        for name, fn in (("getter", getter), ("setter", setter)):
+    key: BatchKey
+    _: KW_ONLY
+    getter: Callable[[Any], torch.Tensor] | None = None
+    setter: Callable[[Any, torch.Tensor], None] | None = None
+    role: str = "input"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.key, bool) or not isinstance(self.key, (int, str)):
+            raise TypeError(f"`{self.role}_key` must be an int index or str key, got {self.key!r}")
+        for name, fn in (("getter", self.getter), ("setter", self.setter)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"`{name}` must be callable, got {fn!r}")
-        self.key = key
-        self.getter = getter
-        self.setter = setter
-        self.role = role
 
     def _check_container(self, batch: Any) -> None:
         if not isinstance(batch, (MutableSequence, MutableMapping)):  # a tuple is not mutable

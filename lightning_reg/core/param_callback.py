@@ -51,11 +51,6 @@ def resolve_params(params: Params) -> list[SelectedParam]:
     return [SelectedParam("", p) for p in params]
 
 
-def _signature(params: Iterable[torch.Tensor]) -> tuple:
-    """What decides a selection: which tensors, and which of them are trainable."""
-    return tuple((id(p), p.requires_grad) for p in params)
-
-
 #: How many parameters and submodules were registered while a ParamCallback was fitting
 #: (assigning one as an attribute registers it): a model whose parameter set changed mid-fit
 #: has a new count. The global hooks that count live from fit start to teardown only.
@@ -127,15 +122,14 @@ class ParamCallback(Callback):
     def _reset(self, module: nn.Module | None) -> None:
         for handle in self._registration_hooks:
             handle.remove()
-        self._registration_hooks = []
-        if module is not None:
-            self._registration_hooks = [
-                register_module_parameter_registration_hook(_count_registration),
-                register_module_module_registration_hook(_count_registration),
-            ]
+        hooks = (
+            register_module_parameter_registration_hook,
+            register_module_module_registration_hook,
+        )
+        self._registration_hooks = [] if module is None else [h(_count_registration) for h in hooks]
         self._module = module
         self._selected: tuple = (None, [], [], [])  # key, parameters, flags, selection
-        self._groups: dict[int, tuple[tuple, list[Group]]] = {}
+        self._groups: dict[int, tuple[list, list[Group]]] = {}
 
     # -- what subclasses override ----------------------------------------------------------
 
@@ -168,15 +162,15 @@ class ParamCallback(Callback):
     def groups(self, optimizer: Any) -> list[Group]:
         """The prepared, selected parameters of ``optimizer``, one entry per param group."""
         (optimizer,) = real_optimizers([optimizer])
-        key = tuple(_signature(g["params"]) for g in optimizer.param_groups)
+        # What decides the groups: which tensors each group holds, and which are trainable.
+        key = [[(id(p), p.requires_grad) for p in g["params"]] for g in optimizer.param_groups]
         cached = self._groups.get(id(optimizer))
         if cached is None or cached[0] != key:
             assert self._module is not None, "groups() is only available during fit"
             chosen = {id(s.param): s for s in self.selected(self._module)}
             found = []
             for group in optimizer.param_groups:
-                mine = [chosen[id(p)] for p in group["params"] if id(p) in chosen]
-                if mine:
+                if mine := [chosen[id(p)] for p in group["params"] if id(p) in chosen]:
                     found.append((group, self.prepare(mine)))
             cached = self._groups[id(optimizer)] = (key, found)
         return cached[1]
@@ -192,9 +186,8 @@ class ParamCallback(Callback):
             self.selection.select(pl_module)  # raises, naming the selection and the model
         if not any([self.groups(opt) for opt in trainer.optimizers]):
             raise RuntimeError(
-                f"{type(self).__name__}: none of the {len(selected)} selected parameters is in "
-                "an optimizer, so it would do nothing. Check configure_optimizers, or the "
-                "`params` selection."
+                f"{type(self).__name__}: no optimizer holds any of the {len(selected)} selected "
+                "parameters, so it would do nothing. Check configure_optimizers or `params`."
             )
         self._hooks.attach(trainer.optimizers)
 

@@ -47,7 +47,6 @@ _NO_DECAY_NAME = re.compile(
     r"|pos(?:ition)?_?embed|(?:cls|class|dist)_token"
 )
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_PRESETS = ("weights", "all")
 
 
 class SelectedParam(NamedTuple):
@@ -60,19 +59,6 @@ class SelectedParam(NamedTuple):
 
 def _matches(name: str, globs: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
-def _declared_no_decay(model: nn.Module) -> tuple[set[str], list[tuple[str, str]]]:
-    """timm's declarations of every module: (qualified names or globs, (prefix, keyword))."""
-    names: set[str] = set()
-    keywords: list[tuple[str, str]] = []
-    for prefix, module in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
-        if callable(getattr(module, "no_weight_decay", None)):
-            names.update(dot + n for n in module.no_weight_decay())
-        if callable(getattr(module, "no_weight_decay_keywords", None)):
-            keywords.extend((dot, k) for k in module.no_weight_decay_keywords())
-    return names, keywords
 
 
 @dataclass(frozen=True)
@@ -113,16 +99,14 @@ class ParamSelection:
     trainable_only: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("params", self.preset, _PRESETS)
+        check_choice("params", self.preset, ("weights", "all"))
         for arg in ("include", "exclude", "include_types", "exclude_types"):
             value = getattr(self, arg)
             value = (value,) if isinstance(value, (str, type)) else tuple(value)
-            globs = not arg.endswith("types")
+            kind, what = (type, "nn.Module subclasses") if "types" in arg else (str, "name globs")
             if not all(
-                isinstance(v, str) if globs else isinstance(v, type) and issubclass(v, nn.Module)
-                for v in value
+                isinstance(v, kind) and (kind is str or issubclass(v, nn.Module)) for v in value
             ):
-                what = "name globs" if globs else "nn.Module subclasses"
                 raise TypeError(f"`{arg}` must be a sequence of {what}, got {value!r}")
             object.__setattr__(self, arg, value)
 
@@ -138,10 +122,7 @@ class ParamSelection:
             return spec or cls()
         if isinstance(spec, str):
             return cls(spec)  # __post_init__ checks the preset
-        raise TypeError(
-            f"`params` must be 'weights', 'all' or a ParamSelection, got {spec!r} "
-            f"({type(spec).__name__})"
-        )
+        raise TypeError(f"`params` must be 'weights', 'all' or a ParamSelection, got {spec!r}")
 
     def select(self, model: nn.Module, *, allow_empty: bool = False) -> list[SelectedParam]:
         """Return the selected parameters of ``model`` in registration order, without duplicates.
@@ -150,13 +131,20 @@ class ParamSelection:
             RuntimeError: if nothing matches and ``allow_empty`` is False.
         """
         weights = self.preset == "weights"
-        names, keywords = _declared_no_decay(model) if weights else (set(), [])
-        chosen: list[SelectedParam] = []
-        seen: set[int] = set()
+        # timm's declarations, qualified by the declaring module's path. A module comes before
+        # its descendants in named_modules(), so its declarations are read before they apply.
+        names: set[str] = set()
+        keywords: list[tuple[str, str]] = []
+        chosen: dict[int, SelectedParam] = {}  # by id: a shared parameter counts once
         for module_name, module in model.named_modules():
+            dot = f"{module_name}." if module_name else ""
+            if weights and callable(getattr(module, "no_weight_decay", None)):
+                names.update(dot + n for n in module.no_weight_decay())
+            if weights and callable(getattr(module, "no_weight_decay_keywords", None)):
+                keywords.extend((dot, k) for k in module.no_weight_decay_keywords())
             for param_name, param in module.named_parameters(recurse=False):
-                name = f"{module_name}.{param_name}" if module_name else param_name
-                if id(param) in seen or (self.trainable_only and not param.requires_grad):
+                name = dot + param_name
+                if id(param) in chosen or (self.trainable_only and not param.requires_grad):
                     continue
                 no_decay = weights and (
                     param.ndim < 2
@@ -173,15 +161,15 @@ class ParamSelection:
                     and (not self.include_types or isinstance(module, self.include_types))
                     and not (self.exclude_types and isinstance(module, self.exclude_types))
                 ):
-                    seen.add(id(param))
-                    chosen.append(SelectedParam(name, param, int(isinstance(module, _TRANSPOSED))))
+                    unit_dim = int(isinstance(module, _TRANSPOSED))
+                    chosen[id(param)] = SelectedParam(name, param, unit_dim)
         if not chosen and not allow_empty:
             raise RuntimeError(
                 f"The parameter selection {self!r} matched no parameter of "
                 f"{type(model).__name__}. Use params='all', loosen `include`/`exclude`, or check "
                 "that the model has trainable parameters with ndim >= 2."
             )
-        return chosen
+        return list(chosen.values())
 
     def parameters(self, model: nn.Module, *, allow_empty: bool = False) -> list[nn.Parameter]:
         """Shorthand for the parameter tensors of :meth:`select`."""

@@ -45,6 +45,7 @@ def training_flags_restored(model: nn.Module) -> Iterator[list[nn.Module]]:
             module.training = flag
 
 
+StateDict = dict[str, Any]
 Policy = Mapping[type[nn.Module], Callable[[nn.Module, str], nn.Module | None]]
 
 
@@ -65,29 +66,21 @@ class SurgeryWrapper(nn.Module):
         raise NotImplementedError
 
 
-def _strip_level(
-    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any, *, child: str
-) -> None:
+def _strip_level(_: nn.Module, state_dict: StateDict, prefix: str, *__: Any, child: str) -> None:
+    # "<prefix><child>.rest" becomes "<prefix>rest"; the child's own metadata key
+    # "<prefix><child>" becomes the wrapper's, "<prefix>" without its trailing dot.
     inner = f"{prefix}{child}."
-    for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
-    metadata = state_dict_metadata(state_dict)
-    if metadata is not None:
-        base = inner[:-1]
-        for key in [k for k in metadata if k == base or k.startswith(inner)]:
-            new = prefix[:-1] if key == base else prefix + key[len(inner) :]
-            metadata[new] = metadata.pop(key)
+    for keys in (state_dict, state_dict_metadata(state_dict) or {}):
+        for key in [k for k in keys if f"{k}.".startswith(inner)]:
+            keys[(prefix + key[len(inner) :]).rstrip(".")] = keys.pop(key)
 
 
-def _add_level(
-    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, child: str
-) -> None:
+def _add_level(wrapper: nn.Module, state_dict: StateDict, prefix: str, *_: Any, child: str) -> None:
     own = {name for name, _ in wrapper.named_children()}
     own |= {name for name, _ in wrapper.named_parameters(recurse=False)}
     own |= {name for name, _ in wrapper.named_buffers(recurse=False)}
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        head = key[len(prefix) :].split(".", 1)[0]
-        if head not in own:
+        if key[len(prefix) :].split(".", 1)[0] not in own:
             state_dict[f"{prefix}{child}.{key[len(prefix) :]}"] = state_dict.pop(key)
 
 

@@ -7,20 +7,13 @@ NaN and infinities explicitly: ``NaN < 0`` is ``False``, so a naive comparison l
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Collection
 from typing import Any
 
 import torch
-
-
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
-    return float(value)
 
 
 def check_finite(name: str, value: Any) -> float:
@@ -48,7 +41,10 @@ def check_range(
         TypeError: if ``value`` is not a real number.
         ValueError: if ``value`` is NaN, infinite or outside the interval.
     """
-    number = _as_float(name, value)
+    scalar = isinstance(value, torch.Tensor) and value.numel() == 1  # a one-element tensor
+    if not scalar and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
+    number = float(value)
     too_low = number < low if low_inclusive else number <= low
     too_high = number > high if high_inclusive else number >= high
     if not math.isfinite(number) or too_low or too_high:
@@ -100,11 +96,8 @@ def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
     Raises:
         ValueError: naming the allowed choices and the value received.
     """
-    try:
-        ok = value in choices
-    except TypeError:
-        ok = False
-    if not ok:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}")
-    return value
+    with contextlib.suppress(TypeError):  # an unhashable value is in no set or dict of choices
+        if value in choices:
+            return value
+    allowed = ", ".join(repr(c) for c in choices)
+    raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}")
