@@ -30,7 +30,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
@@ -70,8 +69,7 @@ Gen = torch.Generator | None  # None: the global torch RNG
 
 def _rand(shape: Shape, gen: Gen, device: Dev, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
     """``U[low, high)`` of ``shape`` on ``device`` from ``gen`` (the global RNG if ``None``)."""
-    u = torch.rand(shape, generator=gen, device=device)
-    return u if low == 0.0 and high == 1.0 else u * (high - low) + low
+    return torch.rand(shape, generator=gen, device=device) * (high - low) + low
 
 
 def _range(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, **kw: Any) -> Pair:
@@ -481,11 +479,7 @@ class RandomErasing(BatchTransform):
     """
 
     def __init__(
-        self,
-        p: float = 0.5,
-        scale: tuple[float, float] = (0.02, 0.33),
-        ratio: tuple[float, float] = (0.3, 3.3),
-        value: float = 0.0,
+        self, p: float = 0.5, scale: Pair = (0.02, 0.33), ratio: Pair = (0.3, 3.3), value: float = 0
     ) -> None:
         super().__init__(p)
         self.scale = _range("scale", scale, 0.0, 1.0, low_inclusive=False)
@@ -771,7 +765,7 @@ class FrequencyMasking(_AxisMasking):
 # --------------------------------------------------------------------------------------------
 
 
-class DataAugmentationCallback(Callback):
+class DataAugmentationCallback(pl.Callback):
     """Apply a batched transform to the inputs of every training batch, on the batch's device.
 
     The inputs are rewritten in ``on_train_batch_start`` (the object ``training_step``
@@ -827,6 +821,8 @@ class DataAugmentationCallback(Callback):
         if not callable(transform):
             raise TypeError(f"`transform` must be callable, got {transform!r}")
         self.transform = transform
+        # A plain callable (e.g. kornia) runs inside a Compose, which returns no parameters for it.
+        self._pipe = transform if isinstance(transform, BatchTransform) else Compose([transform])
         self.p = check_probability("p", p)
         self.input = BatchSlot(input_key, getter=getter, setter=setter, role="input")
         self.rng = CallbackRNG(seed, salt=0xA06)
@@ -850,10 +846,7 @@ class DataAugmentationCallback(Callback):
         with torch.no_grad(), seeded_global_rng(step_seed, x.device):
             if self.p < 1.0:
                 params["selected"] = _rand(x.shape[:1], generator, x.device) < self.p
-            if isinstance(self.transform, BatchTransform):
-                out, params["transform"] = self.transform.draw_and_apply(x, generator)
-            else:
-                out = self.transform(x)
+            out, params["transform"] = self._pipe.draw_and_apply(x, generator)
             if not isinstance(out, torch.Tensor):
                 raise RuntimeError(f"The transform returned a {type(out).__name__}, not a tensor")
             if self.p < 1.0:

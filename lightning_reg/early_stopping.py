@@ -113,10 +113,6 @@ def _layout(state: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.shape, v.dtype) if isinstance(v, Tensor) else None for k, v in state.items()}
 
 
-def _finite_or_none(name: str, value: Any) -> float | None:
-    return None if value is None else validation.check_finite(name, value)
-
-
 @dataclass
 class BestWeights:
     """A CPU copy of a module's state dict, refreshed in place by :meth:`save`.
@@ -147,11 +143,10 @@ class BestWeights:
         """Copy ``module.state_dict()`` (parameters, buffers, extra state) into the buffers."""
         source = module.state_dict()  # detached tensors: the copies below record no graph
         if self.state is None or _layout(self.state) != _layout(source):
-            self.state = {
+            self.state = {  # the loop below adds copies of the entries that are no tensors
                 k: torch.empty(v.shape, dtype=v.dtype, pin_memory=v.is_cuda)
-                if isinstance(v, Tensor)
-                else None
                 for k, v in source.items()
+                if isinstance(v, Tensor)
             }
         for k, v in source.items():
             self.state[k] = self.state[k].copy_(v) if isinstance(v, Tensor) else copy.deepcopy(v)
@@ -291,20 +286,20 @@ class EarlyStoppingCallback(EarlyStopping):
         validation.check_choice("criterion", criterion, CRITERIA)
         if criterion != "patience" and (mode != "min" or (criterion == "pq" and not train_monitor)):
             raise ValueError(
-                f"criterion={criterion!r} needs mode='min' (Prechelt's rules need an error metric "
-                "such as a loss or 1 - accuracy) and, for 'pq', a `train_monitor` naming a "
-                f"training-error metric; got mode={mode!r}, train_monitor={train_monitor!r}"
+                f"criterion={criterion!r} needs mode='min' (an error metric: a loss, 1 - accuracy) "
+                f"and, for 'pq', a training-error `train_monitor`; got {mode=}, {train_monitor=}"
             )
         # the parent flips the sign of `min_delta` by mode, so it is checked before
         kwargs["min_delta"] = validation.check_non_negative("min_delta", kwargs.get("min_delta", 0))
         super().__init__(monitor, **kwargs)
         patience = validation.check_int("patience", self.patience, 0)
         self.patience = patience if criterion == "patience" else math.inf  # type: ignore[assignment]
-        for name in ("stopping_threshold", "divergence_threshold"):
-            setattr(self, name, _finite_or_none(name, getattr(self, name)))
+        self.baseline = baseline
+        for name in ("stopping_threshold", "divergence_threshold", "baseline"):
+            value = getattr(self, name)  # a finite number or None
+            setattr(self, name, None if value is None else validation.check_finite(name, value))
         self.restore_best_weights = bool(restore_best_weights)
         self.start_from_epoch = validation.check_int("start_from_epoch", start_from_epoch, 0)
-        self.baseline = _finite_or_none("baseline", baseline)
         self.criterion = criterion
         self.gl_alpha = validation.check_positive("gl_alpha", gl_alpha)
         self.pq_alpha = validation.check_positive("pq_alpha", pq_alpha)
@@ -322,8 +317,7 @@ class EarlyStoppingCallback(EarlyStopping):
         if self.restore_best_weights:
             who = "EarlyStoppingCallback(restore_best_weights=True)"
             why = "keeping the best weights needs the full, unsharded state dict on every rank"
-            fix = "restore_best_weights=False works with any strategy"
-            refuse_strategies(trainer, who, ALL_SHARDED, f"{why} ({fix})")
+            refuse_strategies(trainer, who, ALL_SHARDED, f"{why}; restore_best_weights=False works")
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_reg.core.compat import foreach_clamp_min_, foreach_mul_
+from lightning_reg.core.compat import attached_trainer, foreach_clamp_min_, foreach_mul_
 from lightning_reg.core.logging import is_logging_step, log_scalars
 from lightning_reg.core.param_callback import Group, ParamCallback, Params, resolve_params
 from lightning_reg.core.params import ParamSelection, SelectedParam, split_by_device_dtype
@@ -134,11 +134,7 @@ def _stats(done: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Ten
 
 
 def max_norm_(
-    params: Params,
-    max_norm: float = 3.0,
-    *,
-    dim: Dim = "unit",
-    return_stats: bool = False,
+    params: Params, max_norm: float = 3.0, *, dim: Dim = "unit", return_stats: bool = False
 ) -> dict[str, torch.Tensor] | None:
     """Project each unit of each tensor into the ball ``‖w‖₂ ≤ max_norm``, in place.
 
@@ -248,10 +244,6 @@ class WeightConstraintCallback(ParamCallback):
         super().__init__(params, after_step=True)
         self._done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (norms, scales) to log
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(constraint=self.constraint, max_norm=self.max_norm)
-
     @override
     def check_strategy(self, trainer: pl.Trainer) -> None:
         super().check_strategy(trainer)
@@ -274,7 +266,8 @@ class WeightConstraintCallback(ParamCallback):
         radius = self.max_norm if self.constraint == "max_norm" else None
         done = [bucket.rescale_(radius) for _, plan in groups for bucket in plan]
         # on logging steps, keep the stats for `on_train_batch_end` (the buffers are reused: copy)
-        if self.constraint == "max_norm" and is_logging_step(self._module.trainer):
+        trainer = attached_trainer(self._module)
+        if self.constraint == "max_norm" and trainer is not None and is_logging_step(trainer):
             self._done += [(norms.clone(), scales) for norms, scales in done]
 
     @override

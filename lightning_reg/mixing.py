@@ -52,8 +52,6 @@ __all__ = [
     "sample_beta",
 ]
 
-Params = dict[str, Any]
-
 
 def _weights(lam: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
     """``λ`` (a float, one value or one per sample) broadcastable against ``like``."""
@@ -275,7 +273,7 @@ class MixUpCutMixCallback(Callback):
             target_key, getter=target_getter, setter=target_setter, role="target"
         )
         self.rng = CallbackRNG(seed, salt=self._salt)
-        self.last_params: Params | None = None
+        self.last_params: dict[str, Any] | None = None
         self._first_step = True
 
     @property
@@ -289,7 +287,7 @@ class MixUpCutMixCallback(Callback):
             self.rng.setup(trainer)
             self._first_step = True
 
-    def sample_params(self, shape: tuple[int, ...], device: torch.device) -> Params:
+    def sample_params(self, shape: tuple[int, ...], device: torch.device) -> dict[str, Any]:
         """Draw one step's ``perm``, ``λ`` targets, CutMix choice and boxes (global RNG).
 
         Batch-level draws (``mode="batch"``) happen on the CPU, so branching on them never
@@ -299,23 +297,23 @@ class MixUpCutMixCallback(Callback):
         perm = torch.randperm(shape[0], device=device)
         u = torch.rand((2, n), device=dev)
         active = u[0] < self.p
-        both = self.mixup_alpha > 0 and self.cutmix_alpha > 0
-        cut = u[1] < (self.switch_prob if both else float(self.cutmix_alpha > 0))  # u < 1 always
+        # CutMix with probability `switch_prob` if both are enabled, else 1 or 0 (u < 1 always)
+        cut = u[1] < (self.switch_prob if self.mixup_alpha > 0 else 1.0) * (self.cutmix_alpha > 0)
         lam = torch.where(cut, _beta(self.cutmix_alpha, n, dev), _beta(self.mixup_alpha, n, dev))
-        params: Params = {"perm": perm, "lam": torch.where(active, lam, 1.0), "cut": cut}
+        params: dict[str, Any] = {"perm": perm, "lam": torch.where(active, lam, 1.0), "cut": cut}
         if self.cutmix_alpha > 0:
             if len(shape) < 3:
                 raise RuntimeError(
                     f"CutMix needs inputs with two spatial dims (B, ..., H, W), got shape {shape}."
                     " Use MixUpCallback for vector inputs."
                 )
-            lam_c = torch.where(cut, params["lam"], 1.0)  # 1: an empty box
-            params["boxes"] = cutmix_boxes(lam_c, shape[-2], shape[-1])
+            # λ = 1 (an empty box) where MixUp was chosen
+            params["boxes"] = cutmix_boxes(torch.where(cut, params["lam"], 1.0), *shape[-2:])
         params["skip"] = self.mode == "batch" and not bool(active)
         return params
 
     def apply(
-        self, x: torch.Tensor, soft: torch.Tensor, params: Params
+        self, x: torch.Tensor, soft: torch.Tensor, params: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(x̃, ỹ, λ)`` for soft targets, with the drawn ``params``."""
         perm, lam, cut = params["perm"], params["lam"], params["cut"]
@@ -352,8 +350,7 @@ class MixUpCutMixCallback(Callback):
                 "Check `input_key` and `target_key`."
             )
         soft = self.soft_targets(y)
-        _, step_seed = self.rng.next(x.device)
-        with seeded_global_rng(step_seed, x.device):
+        with seeded_global_rng(self.rng.next(x.device)[1], x.device):  # this step's seed
             params = self.last_params = self.sample_params(tuple(x.shape), x.device)
         if not params["skip"]:
             with torch.no_grad():

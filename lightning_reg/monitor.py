@@ -54,7 +54,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_reg.core.compat import batches_that_stepped, foreach_norm
@@ -71,7 +70,7 @@ PREFIX = "reg/monitor"
 
 def layer_key(param_name: str) -> str:
     """The ``<layer>`` part of a norm key: the parameter name without a ``.weight`` suffix."""
-    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
+    return param_name.removesuffix(".weight")
 
 
 class RegularizationMonitorCallback(ParamCallback):
@@ -152,7 +151,7 @@ class RegularizationMonitorCallback(ParamCallback):
         self._val_epoch = -1
         self._warned_gap = False
         self._ece: Any = None
-        self._hook: RemovableHandle | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._captured: torch.Tensor | None = None
 
     refused = ALL_SHARDED
@@ -174,8 +173,7 @@ class RegularizationMonitorCallback(ParamCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        step = trainer.global_step
-        every = self.every_n_steps
+        step, every = trainer.global_step, self.every_n_steps
         due = is_logging_step(trainer) if every is None else step > 0 and step % every == 0
         # `step != _last_step`: once per optimizer step under gradient accumulation.
         if due and step != self._last_step and trainer.loggers and trainer.is_global_zero:
@@ -183,11 +181,14 @@ class RegularizationMonitorCallback(ParamCallback):
             self.log_step_metrics(trainer)
 
     @torch.no_grad()
-    def _step_values(self) -> tuple[list[str], torch.Tensor | None]:
-        """The keys and one vector of the step diagnostics (norms, total norm, sparsity)."""
+    def compute_step_metrics(self) -> dict[str, torch.Tensor]:
+        """Norms and sparsity of the selected weights, as 0-d tensors on their device.
+
+        They are the entries of one vector, so that a single device-to-host copy reads them all.
+        """
         selected = self.selected(self._module) if self._module is not None else []
         if not selected:
-            return [], None
+            return {}
         params = [s.param for s in selected]
         # Norms accumulate in float32 (an fp16 norm overflows at 65504), float64 stays float64.
         wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -198,12 +199,7 @@ class RegularizationMonitorCallback(ParamCallback):
         total = torch.linalg.vector_norm(torch.stack(norms))
         keys = [f"{PREFIX}/norm/{layer_key(s.name)}" for s in selected]
         keys += [f"{PREFIX}/norm/total", f"{PREFIX}/sparsity"]
-        return keys, torch.stack([*norms, total, 1.0 - nonzero / numel])
-
-    def compute_step_metrics(self) -> dict[str, torch.Tensor]:
-        """Norms and sparsity of the selected weights, as 0-d tensors on their device."""
-        keys, values = self._step_values()
-        return {} if values is None else dict(zip(keys, values.unbind()))
+        return dict(zip(keys, torch.stack([*norms, total, 1.0 - nonzero / numel]).unbind()))
 
     @torch.no_grad()
     def _histograms(self) -> dict[str, Any]:
@@ -226,12 +222,12 @@ class RegularizationMonitorCallback(ParamCallback):
 
     def log_step_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """Compute the step diagnostics now and write them to every logger of ``trainer``."""
-        keys, values = self._step_values()
-        if values is None:
+        values = self.compute_step_metrics()
+        if not values:
             return {}
-        metrics = dict(zip(keys, values.tolist()))  # one device-to-host copy
-        finite = math.isfinite(metrics[f"{PREFIX}/norm/total"])  # else (rare) count on the host
-        bad = [] if finite else self.selected(self._module)  # type: ignore[arg-type]
+        metrics = dict(zip(values, torch.stack(list(values.values())).tolist()))  # one copy
+        # the non-finite entries are counted (on the host) only when a norm is not finite
+        bad = [] if math.isfinite(metrics[f"{PREFIX}/norm/total"]) else self.selected(self._module)  # type: ignore[arg-type]
         metrics[f"{PREFIX}/nonfinite"] = float(sum((~s.param.isfinite()).sum().item() for s in bad))
         self.last_metrics = metrics
         wandb = any(isinstance(logger, WandbLogger) for logger in trainer.loggers)
@@ -244,27 +240,26 @@ class RegularizationMonitorCallback(ParamCallback):
     # ----------------------------------------------------------------- the gap
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.gap_metrics or self._val_epoch != trainer.current_epoch:
+        if self._val_epoch != trainer.current_epoch:
             return
         metrics = trainer.callback_metrics
         for name in self.gap_metrics:
             train = _lookup(metrics, self.train_prefix + name, ("_epoch", "", "_step"))
             val = _lookup(metrics, self.val_prefix + name, ("", "_epoch"))
-            if train is None or val is None:
-                missing = self.train_prefix + name if train is None else self.val_prefix + name
-                if not self._warned_gap:
-                    warnings.warn(
-                        f"RegularizationMonitorCallback(gap_metrics={list(self.gap_metrics)}) "
-                        f"found no {missing!r} in trainer.callback_metrics (logged: "
-                        f"{sorted(metrics)}), so it logs no gap for {name!r}. Log it with "
-                        f"`self.log({missing!r}, ...)`, or change `gap_metrics` / `train_prefix`"
-                        " / `val_prefix` (`gap_metrics=()` turns this off).",
-                        stacklevel=2,
-                    )
+            if train is not None and val is not None:
+                gap = train.to(pl_module.device) - val.to(pl_module.device)
+                pl_module.log(f"{PREFIX}/gap/{name}", gap, on_step=False, on_epoch=True)
+            elif not self._warned_gap:
                 self._warned_gap = True
-                continue
-            gap = train.to(pl_module.device) - val.to(pl_module.device)
-            pl_module.log(f"{PREFIX}/gap/{name}", gap, on_step=False, on_epoch=True)
+                missing = self.train_prefix + name if train is None else self.val_prefix + name
+                warnings.warn(
+                    f"RegularizationMonitorCallback(gap_metrics={list(self.gap_metrics)}) "
+                    f"found no {missing!r} in trainer.callback_metrics (logged: "
+                    f"{sorted(metrics)}), so it logs no gap for {name!r}. Log it with "
+                    f"`self.log({missing!r}, ...)`, or change `gap_metrics` / `train_prefix`"
+                    " / `val_prefix` (`gap_metrics=()` turns this off).",
+                    stacklevel=2,
+                )
 
     # ---------------------------------------------------------------- the ECE
     @override
@@ -302,10 +297,9 @@ class RegularizationMonitorCallback(ParamCallback):
         if logits is None or logits.ndim != 2 or logits.shape[1] != self.num_classes:
             got = "no logits" if logits is None else f"logits of shape {tuple(logits.shape)}"
             raise RuntimeError(
-                f"RegularizationMonitorCallback(num_classes={self.num_classes}) got {got} in "
-                f"validation; it needs the validation logits as (batch, {self.num_classes}). Call "
-                "the LightningModule itself (`self(x)`) in `validation_step`, or return "
-                "{'logits': logits, ...} from it, or fix `num_classes` (None turns the ECE off)."
+                f"RegularizationMonitorCallback(num_classes={self.num_classes}) got {got}; it "
+                f"needs the validation logits as (batch, {self.num_classes}): call `self(x)` in "
+                "`validation_step`, return {'logits': logits} from it, or fix `num_classes`."
             )
         try:
             target = batch[self.target_key]
@@ -315,10 +309,9 @@ class RegularizationMonitorCallback(ParamCallback):
             target = target.argmax(dim=1)
         if not isinstance(target, torch.Tensor) or target.shape[0] != logits.shape[0]:
             raise RuntimeError(
-                f"RegularizationMonitorCallback found no targets for the {logits.shape[0]} "
-                f"validation logits at target_key={self.target_key!r} of a {type(batch).__name__}"
-                " batch. Set `target_key` to the index or dict key of the targets, or set "
-                "`num_classes=None` to turn the ECE off."
+                f"RegularizationMonitorCallback found no targets for {logits.shape[0]} logits "
+                f"at target_key={self.target_key!r} of a {type(batch).__name__} batch: set "
+                "`target_key` to their index or dict key, or `num_classes=None` (no ECE)."
             )
         self._ece.update(logits.float().softmax(dim=1), target.long())
 
@@ -328,9 +321,8 @@ class RegularizationMonitorCallback(ParamCallback):
             return
         self._val_epoch = trainer.current_epoch
         if self._hook is not None:
-            self._remove_hook()
-            ece = self._ece.compute()  # syncs across ranks under DDP
-            pl_module.log(f"{PREFIX}/ece", ece, on_epoch=True, on_step=False)
+            self._remove_hook()  # the ECE below syncs across ranks under DDP
+            pl_module.log(f"{PREFIX}/ece", self._ece.compute(), on_epoch=True, on_step=False)
 
     def _remove_hook(self) -> None:
         if self._hook is not None:

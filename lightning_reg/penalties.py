@@ -47,8 +47,9 @@ __all__ = [
 
 
 def _norm_sum(params: Params, ord: float) -> torch.Tensor:
-    """Σ over tensors of ‖t‖_ord^ord (‖t‖_0: non-zero count), accumulated in float32 or wider
-    (float64 stays float64), with one foreach kernel per (device, dtype)."""
+    """Σ over the tensors ``t`` of ``params`` of ‖t‖_ord^ord (‖t‖_0: non-zero count),
+    accumulated in float32 or wider (float64 stays float64), one foreach kernel per
+    (device, dtype)."""
     total = torch.zeros(())
     for group in split_by_device_dtype(s.param for s in resolve_params(params)):
         acc = torch.promote_types(group[0].dtype, torch.float32)

@@ -114,13 +114,13 @@ def test_csv_logger_gets_documented_keys_on_schedule(tmp_path):
     module = _module()
     monitor = RegularizationMonitorCallback(every_n_steps=3, num_classes=NUM_CLASSES)
     calls = []
-    original = monitor._step_values
+    original = monitor.compute_step_metrics
 
     def counting():
         calls.append(trainer.global_step)
         return original()
 
-    monitor._step_values = counting  # type: ignore[method-assign]
+    monitor.compute_step_metrics = counting  # type: ignore[method-assign]
     logger = CSVLogger(tmp_path, name="m", version=0)
     trainer = tiny_trainer(max_epochs=2, callbacks=[monitor], logger=logger, log_every_n_steps=1)
     trainer.fit(module, list_loader(x, y, 16), list_loader(xv, yv, 16))
@@ -182,7 +182,7 @@ def test_default_schedule_follows_log_every_n_steps(tmp_path):
 def test_no_logger_computes_nothing():
     x, y = _data(32)
     monitor = RegularizationMonitorCallback(every_n_steps=1)
-    monitor._step_values = lambda: pytest.fail("computed without a logger")  # type: ignore
+    monitor.compute_step_metrics = lambda: pytest.fail("computed without a logger")  # type: ignore
     tiny_trainer(max_epochs=1, callbacks=[monitor]).fit(_module(), list_loader(x, y, 16))
 
 
