@@ -21,10 +21,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.nn.modules.module import (
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
+from torch.nn.modules.module import register_module_module_registration_hook as _on_module
+from torch.nn.modules.module import register_module_parameter_registration_hook as _on_param
 from typing_extensions import override
 
 from lightning_reg.core.hooks import OptimizerStepHooks, real_optimizers
@@ -122,11 +120,9 @@ class ParamCallback(Callback):
     def _reset(self, module: nn.Module | None) -> None:
         for handle in self._registration_hooks:
             handle.remove()
-        hooks = (
-            register_module_parameter_registration_hook,
-            register_module_module_registration_hook,
+        self._registration_hooks = (
+            [] if module is None else [h(_count_registration) for h in (_on_param, _on_module)]
         )
-        self._registration_hooks = [] if module is None else [h(_count_registration) for h in hooks]
         self._module = module
         self._selected: tuple = (None, [], [], [])  # key, parameters, flags, selection
         self._groups: dict[int, tuple[list, list[Group]]] = {}

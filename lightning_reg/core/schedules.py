@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 
 from lightning_reg.core.validation import check_choice, check_finite, check_int
 
-_UNITS = ("epoch", "step")
-
 
 class Schedule:
     """Base class: a value as a function of the epoch or the optimizer step.
@@ -32,7 +30,7 @@ class Schedule:
     """
 
     def __init__(self, unit: str = "epoch") -> None:
-        self.unit = check_choice("unit", unit, _UNITS)
+        self.unit = check_choice("unit", unit, ("epoch", "step"))
 
     def at(self, t: int) -> float:  # pragma: no cover - abstract
         """The value at counter ``t`` (epochs or steps, as ``unit`` says)."""

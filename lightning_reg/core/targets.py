@@ -74,5 +74,6 @@ def to_soft_targets(
             raise ValueError(f"Targets must be integer class labels or float, got {targets.dtype}")
         if targets.device.type == "cpu":
             check_labels(targets, k)
-        soft = F.one_hot(targets.long(), k).to(dtype).movedim(-1, 1)  # (B, ..., K) -> (B, K, ...)
+        soft = F.one_hot(targets.long(), k).to(dtype)
+        soft = soft.movedim(-1, 1) if soft.ndim > 2 else soft
     return soft * (1.0 - smoothing) + smoothing / k if smoothing else soft
