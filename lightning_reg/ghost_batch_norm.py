@@ -296,8 +296,7 @@ class GhostBatchNorm(nn.Module):
 
 
 def _sharing_state(src: Any, cls: type[Any], **kwargs: Any) -> Any:
-    """A ``cls`` configured as ``src`` that uses ``src``'s very parameters and buffers (optimizers
-    keep working)."""
+    """A ``cls`` configured as ``src``, sharing its very parameters and buffers (for optimizers)."""
     dst = cls(src.num_features, src.eps, src.momentum, src.affine, src.track_running_stats,
               device="meta", **kwargs)  # fmt: skip
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):

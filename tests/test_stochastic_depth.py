@@ -666,3 +666,13 @@ def test_row_mode_one_kept_row_with_batchnorm1d():
 def test_default_block_types_is_a_deprecated_alias():
     with pytest.warns(DeprecationWarning, match="is_residual_block"):
         assert nn.TransformerEncoderLayer in sd_mod.default_block_types()
+
+
+def test_wrapping_keeps_the_blocks_own_training_flags():
+    """A BatchNorm frozen in eval inside a training block stays frozen when the block is wrapped
+    (``train(block.training)`` used to reset the whole subtree)."""
+    block = BatchNormResidual(4)
+    block.bn.eval()
+    wrapper = StochasticDepthWrapper(block, 0.5)
+    assert wrapper.training and block.training and not block.bn.training
+    assert not StochasticDepthWrapper(BatchNormResidual(4).eval(), 0.5).training
