@@ -306,5 +306,11 @@ class MaxNormCallback(WeightConstraintCallback):
         Prevent Neural Networks from Overfitting", JMLR 2014.
     """
 
-    def __init__(self, max_norm: float = 3.0, **kwargs: Any) -> None:
-        super().__init__("max_norm", max_norm=max_norm, **kwargs)
+    def __init__(
+        self,
+        max_norm: float = 3.0,
+        *,
+        dim: str | int | tuple[int, ...] | None = "unit",
+        params: str | ParamSelection = "weights",
+    ) -> None:
+        super().__init__("max_norm", max_norm=max_norm, dim=dim, params=params)

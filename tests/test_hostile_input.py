@@ -106,7 +106,11 @@ ROWS: list[tuple[str, Callable[[Any], Any], Callable[[Any], bool]]] = [
         lambda v: lr.RegularizationMonitorCallback(v),
         lambda v: v is None or (integer(v) and v >= 1),
     ),
-    ("n_projections", lambda v: _jacobian(v), lambda v: v == "exact" or (integer(v) and v >= 1)),
+    (
+        "jacobian_projections",
+        lambda v: _jacobian(v),
+        lambda v: v == "exact" or (integer(v) and v >= 1),
+    ),
     ("jacobian_weight", lambda v: _jacobian_weight(v), lambda v: real(v) and v >= 0),
 ]
 
