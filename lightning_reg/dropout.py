@@ -80,6 +80,14 @@ DEFAULT_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Hardswish,
 )
 
+_DROPOUT_KINDS: dict[str, type[nn.Module]] = {
+    "dropout": nn.Dropout,
+    "dropout1d": nn.Dropout1d,
+    "dropout2d": nn.Dropout2d,
+    "dropout3d": nn.Dropout3d,
+    "alpha": nn.AlphaDropout,
+}
+
 #: One module type or a tuple of them (what ``after=`` and ``layer_types=`` take).
 ModuleTypes = tuple[type[nn.Module], ...] | type[nn.Module]
 
@@ -95,11 +103,11 @@ def _check_p(p: Any) -> float:
 
 
 class _DropoutWrapper(TransparentWrapper):
-    """A module and an ``nn.Dropout``; the wrapper follows the module's training mode."""
+    """A module and a dropout; the wrapper follows the module's training mode."""
 
-    def __init__(self, module: nn.Module, p: float) -> None:
+    def __init__(self, module: nn.Module, p: float, kind: str = "dropout") -> None:
         super().__init__(module)
-        self.dropout = nn.Dropout(_check_p(p))
+        self.dropout = _DROPOUT_KINDS[check_choice("kind", kind, _DROPOUT_KINDS)](_check_p(p))
         self.training = self.dropout.training = module.training
 
 
@@ -107,15 +115,16 @@ class DropoutAfter(_DropoutWrapper):
     """``module`` followed by dropout: ``dropout(module(x))``.
 
     ``state_dict`` keys are those of ``module`` (see :class:`TransparentWrapper`); the dropout
-    has no state. :meth:`unwrap` returns ``module``. The dropout is the ``nn.Dropout`` in
-    ``self.dropout``; for per-channel dropout, replace it (``layer.dropout = nn.Dropout2d(p)``).
+    has no state. :meth:`unwrap` returns ``module``.
 
     Args:
         module: the module to run first.
         p: drop probability in [0, 1).
+        kind: ``"dropout"`` (per element), ``"dropout1d"``/``"dropout2d"``/``"dropout3d"``
+            (per channel) or ``"alpha"`` (AlphaDropout, for SELU networks).
 
     Raises:
-        ValueError: if ``p`` is outside [0, 1) or NaN.
+        ValueError: if ``p`` is outside [0, 1) or NaN, or ``kind`` is unknown.
 
     Example:
         >>> layer = DropoutAfter(nn.ReLU(), 0.1)
@@ -135,9 +144,10 @@ class DropoutBefore(_DropoutWrapper):
     Args:
         module: the module whose (first) input is dropped out.
         p: drop probability in [0, 1).
+        kind: as in :class:`DropoutAfter`.
 
     Raises:
-        ValueError: if ``p`` is outside [0, 1) or NaN.
+        ValueError: if ``p`` is outside [0, 1) or NaN, or ``kind`` is unknown.
 
     Example:
         >>> layer = DropoutBefore(nn.Linear(3, 2), 0.2)
@@ -150,7 +160,7 @@ class DropoutBefore(_DropoutWrapper):
 
 
 def add_dropout(
-    model: nn.Module, p: float, *, after: ModuleTypes | None = None
+    model: nn.Module, p: float, *, after: ModuleTypes | None = None, kind: str = "dropout"
 ) -> list[ModuleChange]:
     """Insert dropout after every module of the types in ``after`` (in place).
 
@@ -163,12 +173,13 @@ def add_dropout(
         p: drop probability in [0, 1).
         after: module types to put dropout after. ``None``: the activations, i.e.
             :data:`DEFAULT_ACTIVATIONS` and timm's and Hugging Face's activation classes.
+        kind: dropout flavour, see :class:`DropoutAfter`.
 
     Returns:
         The list of changes (path, old type, new type).
 
     Raises:
-        ValueError: if ``p`` is outside [0, 1) or NaN.
+        ValueError: if ``p`` is outside [0, 1) or NaN, or ``kind`` is unknown.
         RuntimeError: if the model already contains :class:`DropoutAfter` (apply once), or no
             module of the ``after`` types was found.
 
@@ -180,11 +191,11 @@ def add_dropout(
     if after is None:  # timm's and Hugging Face's classes live in their `activations` modules
         found = {type(m) for m in model.modules() if type(m).__module__.endswith(".activations")}
         after = (*DEFAULT_ACTIVATIONS, *sorted(found - set(DEFAULT_ACTIVATIONS), key=str))
-    return _insert(model, p, after, DropoutAfter, "after")
+    return _insert(model, p, kind, after, DropoutAfter, "after")
 
 
 def _insert(
-    model: nn.Module, p: float, types: ModuleTypes, cls: type[_DropoutWrapper], arg: str
+    model: nn.Module, p: float, kind: str, types: ModuleTypes, cls: type[_DropoutWrapper], arg: str
 ) -> list[ModuleChange]:
     types = (types,) if isinstance(types, type) else tuple(types)
     if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
@@ -193,7 +204,7 @@ def _insert(
     # fast path) instead of calling them: a wrapper there would break them, so skip those.
     fused = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
     unused = {id(c) for m in model.modules() if isinstance(m, fused) for c in m.children()}
-    policy = dict.fromkeys(types, lambda mod, _: None if id(mod) in unused else cls(mod, p))
+    policy = dict.fromkeys(types, lambda mod, _: None if id(mod) in unused else cls(mod, p, kind))
     changes = replace_modules(model, policy, refuse_if_contains=(cls,))
     if not changes:
         found = sorted({type(m).__name__ for m in model.modules()})
@@ -205,7 +216,7 @@ def _insert(
 
 
 def add_input_dropout(
-    model: nn.Module, p: float, *, layer_types: ModuleTypes = (nn.Linear,)
+    model: nn.Module, p: float, *, layer_types: ModuleTypes = (nn.Linear,), kind: str = "dropout"
 ) -> list[ModuleChange]:
     """Put dropout on the input of every module of ``layer_types`` (in place).
 
@@ -216,6 +227,7 @@ def add_input_dropout(
         model: the model to change in place.
         p: drop probability in [0, 1).
         layer_types: module types whose inputs get dropout (default ``nn.Linear``).
+        kind: dropout flavour, see :class:`DropoutAfter`.
 
     Returns:
         The list of changes.
@@ -230,7 +242,7 @@ def add_input_dropout(
         >>> len(add_input_dropout(m, 0.2))
         2
     """
-    return _insert(model, p, layer_types, DropoutBefore, "layer_types")
+    return _insert(model, p, kind, layer_types, DropoutBefore, "layer_types")
 
 
 def remove_dropout(model: nn.Module) -> list[ModuleChange]:

@@ -98,18 +98,20 @@ def test_bad_p_raises(p):
         set_dropout_rate(nn.Dropout(), p)
 
 
-def test_wrapper_dropout_can_be_swapped_for_per_channel_dropout():
-    # The wrappers hold a plain nn.Dropout; per-channel dropout replaces it, and the callback's
-    # rate setting still finds it (it looks for any nn.Dropout* module).
+def test_kind_dropout2d_drops_whole_channels():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU())
-    for change in add_dropout(model, 0.3):
-        wrapper = model.get_submodule(change.path)
-        wrapper.dropout = nn.Dropout2d(wrapper.dropout.p)
+    changes = add_dropout(model, 0.3, kind="dropout2d")
+    assert all(isinstance(model.get_submodule(c.path).dropout, nn.Dropout2d) for c in changes)
     assert set_dropout_rate(model, 0.5) == 2
     y = model(torch.rand(2, 3, 12, 12) + 0.1)  # ReLU of the last conv: zero channels are dropped
     dropped = (y == 0).flatten(2).all(-1)
     assert dropped.any() and not dropped.all()
+
+
+def test_unknown_kind_raises():
+    with pytest.raises(ValueError, match=r"`kind` must be one of .*'dropout2d'.*got 'gaussian'"):
+        add_input_dropout(nn.Sequential(nn.Linear(2, 2)), 0.1, kind="gaussian")
 
 
 def test_add_input_dropout_state_dict_both_ways():
