@@ -139,6 +139,50 @@ def max_norm() -> dict[str, Callable[[], None]]:
     return steps
 
 
+def penalties_and_max_norm() -> dict[str, dict[str, Callable[[], None]]]:
+    """``add_penalty_grad_`` (L2, 110 tensors) and ``max_norm_`` (37 weights) on the model of
+    ``benchmarks/bench_penalties.py``."""
+    import lightning_reg_base.max_norm as base_max_norm
+    import lightning_reg_base.penalties as base_penalties
+
+    import lightning_reg.max_norm as new_max_norm
+    import lightning_reg.penalties as new_penalties
+    from benchmarks.bench_penalties import Encoder
+    from lightning_reg.core.params import ParamSelection
+
+    torch.manual_seed(0)
+    model = Encoder(layers=9)
+    nn.functional.cross_entropy(model(torch.randn(32, 16, 128)), torch.zeros(32).long()).backward()
+    params, weights = list(model.parameters()), ParamSelection("weights").parameters(model)
+    with torch.no_grad():
+        for weight in weights:
+            weight.mul_(3.0)  # some units outside the ball
+    return {
+        "l2": {
+            "base": lambda: base_penalties.add_penalty_grad_(params, l2=1e-4),
+            "new": lambda: new_penalties.add_penalty_grad_(params, l2=1e-4),
+        },
+        "max_norm": {
+            "base": lambda: base_max_norm.max_norm_(weights, 1.0),
+            "new": lambda: new_max_norm.max_norm_(weights, 1.0),
+        },
+    }
+
+
+def mc_dropout() -> dict[str, Callable[[], None]]:
+    import lightning_reg_base.dropout as base
+
+    import lightning_reg.dropout as new
+    from benchmarks.bench_dropout import _cnn
+
+    torch.manual_seed(0)
+    model, x = _cnn(), torch.randn(4, 3, 16, 16)
+    return {
+        "base": lambda: base.mc_dropout_predict(model, x, 30, classifier=True),
+        "new": lambda: new.mc_dropout_predict(model, x, 30, classifier=True),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", default="HEAD", help="the git revision to compare against")
@@ -170,6 +214,13 @@ def main() -> None:
         ),
         ("ghost BN fwd+bwd 128x32x16x16 vbs=32", ghost_batch_norm, 200),
         ("max_norm_ on a 10-layer d=64 encoder's weights", max_norm, 400),
+        ("add_penalty_grad_ L2, 110 tensors", lambda: penalties_and_max_norm()["l2"], 400),
+        (
+            "max_norm_, 37 weights (bench_penalties)",
+            lambda: penalties_and_max_norm()["max_norm"],
+            400,
+        ),
+        ("mc_dropout_predict 30 samples, CNN 3x16x16 B=4", mc_dropout, 200),
     ]
     print(f"| path (base = {args.rev}) | pairs | median base/new | mean base/new |")
     print("|---|---:|---:|---:|")

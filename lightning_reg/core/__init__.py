@@ -1,9 +1,7 @@
-"""Shared machinery: parameter selection, batch access, surgery, schedules, validation, hooks.
+"""Shared machinery: parameter selection, batch access, surgery, schedules, validation, hooks."""
 
-The package re-exports the names that ``lightning_reg`` makes public (and ``ParamCallback``);
-everything else is imported from its submodule, e.g. ``lightning_reg.core.batch.BatchSlot``.
-"""
-
+from lightning_reg.core.batch import BatchSlot
+from lightning_reg.core.hooks import OptimizerStepHooks
 from lightning_reg.core.param_callback import ParamCallback
 from lightning_reg.core.params import ParamSelection
 from lightning_reg.core.schedules import (
@@ -13,18 +11,29 @@ from lightning_reg.core.schedules import (
     LinearSchedule,
     Schedule,
     StepSchedule,
+    as_schedule,
 )
-from lightning_reg.core.surgery import replace_modules, restore_modules
+from lightning_reg.core.surgery import (
+    ModuleChange,
+    SurgeryWrapper,
+    replace_modules,
+    restore_modules,
+)
 
 __all__ = [
+    "BatchSlot",
     "CallableSchedule",
     "ConstantSchedule",
     "CosineSchedule",
     "LinearSchedule",
+    "ModuleChange",
+    "OptimizerStepHooks",
     "ParamCallback",
     "ParamSelection",
     "Schedule",
     "StepSchedule",
+    "SurgeryWrapper",
+    "as_schedule",
     "replace_modules",
     "restore_modules",
 ]
