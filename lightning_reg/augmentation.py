@@ -69,7 +69,8 @@ Gen = torch.Generator | None  # None: the global torch RNG
 
 def _rand(shape: Shape, gen: Gen, device: Dev, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
     """``U[low, high)`` of ``shape`` on ``device`` from ``gen`` (the global RNG if ``None``)."""
-    return torch.rand(shape, generator=gen, device=device) * (high - low) + low
+    u = torch.rand(shape, generator=gen, device=device)
+    return u if low == 0.0 and high == 1.0 else u * (high - low) + low  # no kernel for U[0, 1)
 
 
 def _range(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, **kw: Any) -> Pair:

@@ -256,24 +256,23 @@ class GhostBatchNorm(nn.Module):
             dims = " or ".join(f"{d}D" for d in self.input_dims)
             raise ValueError(f"expected {dims} input (got {input.dim()}D input)")
         bn: Any = self  # a BatchNormNd (see the subclasses)
-        rows = input.shape[0]
-        if not (self.training or bn.running_mean is None) or rows <= self.virtual_batch_size:
+        rows, size = input.shape[0], self.virtual_batch_size
+        if not (self.training or bn.running_mean is None) or rows <= size:
             if self.training:
                 self.last_num_virtual_batches = 1
-                if rows < self.virtual_batch_size and not self._warned_small_batch:
+                if rows < size and not self._warned_small_batch:
                     self._warned_small_batch = True
                     warnings.warn(f"GhostBatchNorm got a training batch of {rows} rows, fewer than "
-                                  f"virtual_batch_size={self.virtual_batch_size}: it is plain "
-                                  "BatchNorm (under DDP, per rank). Lower virtual_batch_size or "
-                                  "raise the batch size.", stacklevel=2)  # fmt: skip
+                                  f"virtual_batch_size={size}: it is plain BatchNorm (under DDP, "
+                                  "per rank). Lower virtual_batch_size or raise the batch size.",
+                                  stacklevel=2)  # fmt: skip
             return super().forward(input)  # type: ignore[misc]
         update = self.training and bn.track_running_stats and bn.running_mean is not None
         if self.training:
-            self.last_num_virtual_batches = math.ceil(rows / self.virtual_batch_size)
+            self.last_num_virtual_batches = math.ceil(rows / size)
         tracked = int(bn.num_batches_tracked) if update and bn.momentum is None else 0
         stats = (bn.running_mean, bn.running_var) if update else (None, None)
-        y = ghost_batch_norm(input, self.virtual_batch_size, bn.weight, bn.bias, *stats,
-                             bn.momentum, bn.eps, tracked)  # fmt: skip
+        y = ghost_batch_norm(input, size, bn.weight, bn.bias, *stats, bn.momentum, bn.eps, tracked)
         if update:
             bn.num_batches_tracked.add_(self.last_num_virtual_batches)
         return y
@@ -297,8 +296,8 @@ class GhostBatchNorm(nn.Module):
 
 def _sharing_state(src: Any, cls: type[Any], **kwargs: Any) -> Any:
     """A ``cls`` configured as ``src``, sharing its very parameters and buffers (for optimizers)."""
-    dst = cls(src.num_features, src.eps, src.momentum, src.affine, src.track_running_stats,
-              device="meta", **kwargs)  # fmt: skip
+    args = (src.num_features, src.eps, src.momentum, src.affine, src.track_running_stats)
+    dst = cls(*args, device="meta", **kwargs)
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         setattr(dst, name, getattr(src, name))
     return dst.train(src.training)

@@ -227,8 +227,9 @@ class RegularizationMonitorCallback(ParamCallback):
             return {}
         metrics = dict(zip(values, torch.stack(list(values.values())).tolist()))  # one copy
         # the non-finite entries are counted (on the host) only when a norm is not finite
-        bad = [] if math.isfinite(metrics[f"{PREFIX}/norm/total"]) else self.selected(self._module)  # type: ignore[arg-type]
-        metrics[f"{PREFIX}/nonfinite"] = float(sum((~s.param.isfinite()).sum().item() for s in bad))
+        finite = math.isfinite(metrics[f"{PREFIX}/norm/total"])
+        bad = [] if finite else self.selected(self._module)  # type: ignore[arg-type]
+        metrics[f"{PREFIX}/nonfinite"] = float(sum((~s.param.isfinite()).sum() for s in bad))
         self.last_metrics = metrics
         wandb = any(isinstance(logger, WandbLogger) for logger in trainer.loggers)
         hists = self._histograms() if self.histograms and wandb else {}
